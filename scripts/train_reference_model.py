@@ -1,0 +1,181 @@
+"""Train medslim's reference nnU-Net on MSD Task04 Hippocampus with the stock nnU-Net pipeline.
+
+Steps (each one the stock nnU-Net command):
+  1. ``nnUNetv2_convert_MSD_dataset`` on ``../shared/data/Task04_Hippocampus``;
+  2. the 40 test cases of ``configs/hippocampus_split.json`` are moved out of ``imagesTr``
+     into ``imagesTsLabeled``/``labelsTsLabeled`` before anything else sees them;
+  3. ``nnUNetv2_plan_and_preprocess -c 3d_fullres``; a plans variant ``nnUNetPlansSmall``
+     halves ``features_per_stage`` ([16, 32, 64, 128], 1.4 M parameters, batch 4) so that the
+     checkpoint fits the package (≤15 MB) and an hour of CPU trains it well;
+  4. ``splits_final.json`` = the repo's fold 0 (128 train / 32 val);
+  5. ``nnUNetv2_train 4 3d_fullres 0 -p nnUNetPlansSmall -tr nnUNetTrainerMedslimCPU
+     -device cpu`` (``nnunet_plugin/``, found through ``nnUNet_extTrainer``);
+  6. ``nnUNetv2_predict`` on the 40 test cases and Dice per label, written to
+     ``<workdir>/reference_test_dice.json``;
+  7. with ``--embed``: the results folder (plans.json, dataset.json,
+     fold_0/checkpoint_final.pth without optimizer state, trainer_name set to the stock
+     ``nnUNetTrainer``, which builds the identical network) and five test cases are copied
+     into ``src/medslim/default_model``.
+
+Reproduce the embedded default model (seed 12345, ~60 min on 2 CPU cores):
+  python scripts/train_reference_model.py --workdir .work --epochs 50 --iters 50 --seed 12345 --embed
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "Task04_Hippocampus"
+SPLIT = REPO / "configs" / "hippocampus_split.json"
+DATASET = "Dataset004_Hippocampus"
+TRAINER = "nnUNetTrainerMedslimCPU"
+PLANS = "nnUNetPlansSmall"
+DEMO_CASES = 5
+
+
+def run(cmd: list[str], env: dict[str, str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, env=env, check=True)
+
+
+def nnunet_env(workdir: Path, args: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        nnUNet_raw=str(workdir / "nnUNet_raw"),
+        nnUNet_preprocessed=str(workdir / "nnUNet_preprocessed"),
+        nnUNet_results=str(workdir / "nnUNet_results"),
+        nnUNet_extTrainer=str(REPO / "nnunet_plugin"),
+        nnUNet_compile="f",
+        nnUNet_n_proc_DA=str(args.proc_da),
+        MEDSLIM_EPOCHS=str(args.epochs),
+        MEDSLIM_ITERS=str(args.iters),
+        MEDSLIM_SEED=str(args.seed),
+    )
+    return env
+
+
+def hold_out_test_cases(raw: Path, test: list[str]) -> None:
+    """Move the test cases out of imagesTr/labelsTr so nnU-Net never plans or trains on them."""
+    (raw / "imagesTsLabeled").mkdir(exist_ok=True)
+    (raw / "labelsTsLabeled").mkdir(exist_ok=True)
+    for case in test:
+        shutil.move(raw / "imagesTr" / f"{case}_0000.nii.gz", raw / "imagesTsLabeled" / f"{case}_0000.nii.gz")
+        shutil.move(raw / "labelsTr" / f"{case}.nii.gz", raw / "labelsTsLabeled" / f"{case}.nii.gz")
+    ds = json.loads((raw / "dataset.json").read_text())
+    ds["numTraining"] = len(list((raw / "labelsTr").glob("*.nii.gz")))
+    (raw / "dataset.json").write_text(json.dumps(ds, indent=1))
+
+
+def make_small_plans(pre: Path) -> None:
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["plans_name"] = PLANS
+    cfg = plans["configurations"]["3d_fullres"]
+    cfg["architecture"]["arch_kwargs"]["features_per_stage"] = [
+        f // 2 for f in cfg["architecture"]["arch_kwargs"]["features_per_stage"]
+    ]
+    cfg["batch_size"] = 4
+    (pre / f"{PLANS}.json").write_text(json.dumps(plans, indent=1))
+
+
+def dice_per_label(pred_dir: Path, ref_dir: Path, cases: list[str], labels: list[int]) -> dict:
+    per_case = {}
+    for case in cases:
+        p = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / f"{case}.nii.gz")))
+        r = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_dir / f"{case}.nii.gz"))).astype(np.int64)
+        scores = {}
+        for lab in labels:
+            a, b = p == lab, r == lab
+            denom = a.sum() + b.sum()
+            scores[lab] = float(2 * (a & b).sum() / denom) if b.sum() else float("nan")
+        per_case[case] = scores
+    means = {lab: float(np.nanmean([s[lab] for s in per_case.values()])) for lab in labels}
+    return {"per_case": per_case, "mean_per_label": means, "mean": float(np.mean(list(means.values())))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=REPO / ".work")
+    ap.add_argument("--epochs", type=int, default=50)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=12345)
+    ap.add_argument("--proc-da", type=int, default=2)
+    ap.add_argument("--embed", action="store_true", help="copy the result into src/medslim/default_model")
+    ap.add_argument("--skip-training", action="store_true", help="reuse an existing results folder")
+    args = ap.parse_args()
+
+    workdir = args.workdir.resolve()
+    env = nnunet_env(workdir, args)
+    split = json.loads(SPLIT.read_text())
+    raw = workdir / "nnUNet_raw" / DATASET
+    pre = workdir / "nnUNet_preprocessed" / DATASET
+    results = workdir / "nnUNet_results" / DATASET / f"{TRAINER}__{PLANS}__3d_fullres"
+
+    if not args.skip_training:
+        if raw.exists():
+            shutil.rmtree(raw)
+        if pre.exists():
+            shutil.rmtree(pre)
+        run(["nnUNetv2_convert_MSD_dataset", "-i", str(DATA), "-overwrite_id", "4", "-np", "2"], env)
+        hold_out_test_cases(raw, split["test"])
+        run(["nnUNetv2_plan_and_preprocess", "-d", "4", "-c", "3d_fullres", "-np", "2"], env)
+        make_small_plans(pre)
+        (pre / "splits_final.json").write_text(json.dumps(split["folds"], indent=1))
+        run(["nnUNetv2_train", "4", "3d_fullres", "0", "-p", PLANS, "-tr", TRAINER, "-device", "cpu"], env)
+
+    pred = workdir / "reference_test_predictions"
+    if pred.exists():
+        shutil.rmtree(pred)
+    run(["nnUNetv2_predict", "-i", str(raw / "imagesTsLabeled"), "-o", str(pred), "-d", "4",
+         "-c", "3d_fullres", "-p", PLANS, "-tr", TRAINER, "-f", "0", "-device", "cpu",
+         "-npp", "1", "-nps", "1"], env)
+    dice = dice_per_label(pred, raw / "labelsTsLabeled", split["test"], [1, 2])
+    dice.update(seed=args.seed, epochs=args.epochs, iters=args.iters, test_cases=split["test"])
+    (workdir / "reference_test_dice.json").write_text(json.dumps(dice, indent=1))
+    print(f"test-set Dice (40 cases): anterior {dice['mean_per_label'][1]:.4f}, "
+          f"posterior {dice['mean_per_label'][2]:.4f}, mean {dice['mean']:.4f}")
+
+    if args.embed:
+        embed(results, raw, split["test"][:DEMO_CASES], dice)
+
+
+def embed(results: Path, raw: Path, demo_cases: list[str], dice: dict) -> None:
+    import torch
+
+    dest = REPO / "src" / "medslim" / "default_model"
+    model_dir = dest / "Dataset004_Hippocampus"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    (model_dir / "fold_0").mkdir(parents=True)
+    for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+        shutil.copy(results / name, model_dir / name)
+    ckpt = torch.load(results / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    ckpt["optimizer_state"] = None
+    ckpt["grad_scaler_state"] = None
+    # Our CPU trainer only changes the schedule, not the network: naming the stock trainer
+    # lets stock nnUNetv2_predict load the embedded model without nnUNet_extTrainer.
+    ckpt["trainer_name"] = "nnUNetTrainer"
+    ckpt["medslim_trained_with"] = TRAINER
+    torch.save(ckpt, model_dir / "fold_0" / "checkpoint_final.pth")
+    cases = dest / "cases"
+    if cases.exists():
+        shutil.rmtree(cases)
+    (cases / "imagesTs").mkdir(parents=True)
+    (cases / "labelsTs").mkdir()
+    for case in demo_cases:
+        shutil.copy(raw / "imagesTsLabeled" / f"{case}_0000.nii.gz", cases / "imagesTs")
+        shutil.copy(raw / "labelsTsLabeled" / f"{case}.nii.gz", cases / "labelsTs")
+    (dest / "reference_test_dice.json").write_text(json.dumps(dice, indent=1))
+    print(f"embedded into {dest}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

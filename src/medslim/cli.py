@@ -1,0 +1,122 @@
+"""``medslim`` command line: thin shells over the library (one public function per command).
+
+User errors (``MedslimError``) print one line on stderr and exit with code 2.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+
+from medslim.errors import MedslimError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress pretrained nnU-Net / TotalSegmentator models: Tucker-2 + HVS channel pruning.")
+console = Console(stderr=True)
+out_console = Console()
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn ``MedslimError`` into one stderr line and exit code 2 (no traceback)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MedslimError as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+    return wrapper
+
+
+@app.command()
+@user_errors
+def compress(
+    model: str = typer.Argument(..., help="nnU-Net results folder, or a TotalSegmentator task (total_fast, total_part1..5)"),
+    output: Path = typer.Option(..., "-o", "--output", help="new results folder to write"),
+    df: float = typer.Option(0.3, "--df", help="rank ratio DF in (0, 1] (thesis: 'downsampling factor')"),
+    prune: float = typer.Option(0.5, "--prune", help="fraction ρ of channels removed per layer, in [0, 1)"),
+    criterion: str = typer.Option("hvs", "--criterion", help="hvs | nisp | l1 | l2 | consumer_l1 | random"),
+    prune_site: str = typer.Option("outer", "--prune-site", help="outer | rank | all"),
+    rank_policy: str = typer.Option("df", "--rank-policy", help="df | energy"),
+    energy: float = typer.Option(0.9, "--energy", help="spectral energy kept per mode (rank policy 'energy')"),
+    method: str = typer.Option("hosvd", "--method", help="hosvd | hooi"),
+    engine: str = typer.Option("channel", "--engine", help="HVS engine: channel (fast) | spatial (exact)"),
+    rank_min: int = typer.Option(1, "--rank-min", help="smallest rank of any mode (Weber et al.: 8)"),
+    fold: str = typer.Option("0", "--fold", "-f", help="checkpoint fold"),
+    checkpoint: str = typer.Option("checkpoint_final.pth", "--checkpoint", help="checkpoint file name"),
+    seed: int = typer.Option(0, "--seed", help="seed (random criterion)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
+) -> None:
+    """Decompose, score and prune a trained nnU-Net into a new results folder that stock
+    nnUNetv2_predict loads."""
+    from medslim.compress import CompressConfig
+    from medslim.export.nnunet_folder import check_output_folder
+    from medslim.load import load_model
+    from medslim.api import compress_model
+
+    config = CompressConfig(df=df, prune_ratio=prune, criterion=criterion, prune_site=prune_site,
+                            rank_policy=rank_policy, energy=energy, method=method, engine=engine,
+                            rank_min=rank_min, seed=seed)
+    check_output_folder(output.expanduser(), overwrite)
+    loaded = load_model(model, fold, checkpoint)
+    report = compress_model(loaded, config, output, overwrite=overwrite, console=console)
+    print_report(report)
+    out_console.print(f"wrote {output}")
+
+
+@app.command()
+@user_errors
+def demo(
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the compressed model (default: a temp folder)"),
+    df: float = typer.Option(0.3, "--df"),
+    prune: float = typer.Option(0.5, "--prune"),
+) -> None:
+    """Compress the embedded reference model (nnU-Net, MSD Hippocampus) and segment its demo
+    cases with the original and the compressed model."""
+    from medslim.api import run_demo
+
+    report = run_demo(output, df=df, prune=prune, console=console)
+    print_report(report)
+    dice = report["demo_dice"]
+    out_console.print(
+        f"Dice on {len(dice['cases'])} embedded test cases (no fine-tuning): original {dice['original']:.3f}, "
+        f"compressed {dice['compressed']:.3f}")
+
+
+@app.command("nnunet-path")
+def nnunet_path() -> None:
+    """Print the folder to put in nnUNet_extTrainer (medslim's nnU-Net trainers)."""
+    import nnunet_plugin
+
+    print(Path(nnunet_plugin.__file__).resolve().parent)
+
+
+def print_report(report: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="medslim compression", show_lines=False)
+    for col in ("layer", "in", "out", "ranks (in, out)", "params"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for row in report["layers"]:
+        ranks = "dense" if row["ranks"] is None else ", ".join("-" if r is None else str(r) for r in row["ranks"])
+        table.add_row(row["layer"], f"{row['in'][0]}→{row['in'][1]}", f"{row['out'][0]}→{row['out'][1]}", ranks,
+                      f"{row['params'][0]:,}→{row['params'][1]:,}")
+    out_console.print(table)
+    p, f = report["params"], report["flops"]
+    out_console.print(f"parameters {p['original']:,} → {p['compressed']:,}  (×{p['ratio']:.2f}, −{100 * p['reduction']:.1f} %)")
+    out_console.print(f"FLOPs/patch {report['input_shape'][2:]} {f['original'] / 1e9:.2f} G → {f['compressed'] / 1e9:.2f} G"
+                      f"  (×{f['ratio']:.2f}, −{100 * f['reduction']:.1f} %)")
+    out_console.print("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in report["seconds"].items()))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

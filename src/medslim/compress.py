@@ -1,0 +1,113 @@
+"""The compression pipeline (SPEC §4, Algorithm 2 without the fine-tune):
+decompose every eligible conv → score channels on the decomposed network → prune ρ per layer.
+
+Data flows one way: ``CompressConfig`` (validated up front) + a network → ``Compressed``
+(the new network, its ``CompressionSpec`` and the records of what each stage did).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+from medslim.decompose import decompose_network, get_rank_policy
+from medslim.decompose.apply import DecompositionRecord
+from medslim.decompose.tucker import METHODS
+from medslim.errors import MedslimError
+from medslim.prune import PRUNE_SITES, PruneRecord, example_input, prunable_layers, prune_network
+from medslim.prune.sites import stem_output
+from medslim.score import ScoreContext, get_criterion
+from medslim.spec import CompressionSpec
+
+Progress = Callable[[str, str], None]  # (stage, layer name)
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """How to compress. ``df`` is the thesis' 'downsampling factor' (a rank ratio);
+    ``prune_ratio`` is ρ, the fraction of channels removed per layer."""
+
+    df: float = 0.3
+    rank_policy: str = "df"
+    energy: float = 0.9
+    rank_min: int = 1
+    method: str = "hosvd"
+    guard: str | None = "params"
+    prune_ratio: float = 0.5
+    criterion: str = "hvs"
+    engine: str = "channel"
+    prune_site: str = "outer"
+    prune_stem: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.df <= 1.0:
+            raise MedslimError(f"--df must be in (0, 1], got {self.df}")
+        if not 0.0 <= self.prune_ratio < 1.0:
+            raise MedslimError(f"--prune must be in [0, 1), got {self.prune_ratio}")
+        if not 0.0 < self.energy <= 1.0:
+            raise MedslimError(f"--energy must be in (0, 1], got {self.energy}")
+        if self.method not in METHODS:
+            raise MedslimError(f"unknown decomposition method '{self.method}'; choose one of {', '.join(METHODS)}")
+        if self.prune_site not in PRUNE_SITES:
+            raise MedslimError(f"unknown prune site '{self.prune_site}'; choose one of {', '.join(PRUNE_SITES)}")
+        self.rank_policy_fn()  # unknown policy → MedslimError now, not after minutes of work
+        get_criterion(self.criterion)
+        ScoreContext(engine=self.engine)
+
+    def rank_policy_fn(self):
+        params = {"df": {"df": self.df}, "energy": {"energy": self.energy}}.get(self.rank_policy, {})
+        return get_rank_policy(self.rank_policy, **params)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Compressed:
+    network: nn.Module
+    spec: CompressionSpec
+    decomposition: DecompositionRecord | None
+    pruning: PruneRecord
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def compress_network(net: nn.Module, config: CompressConfig, input_shape: Sequence[int],
+                     progress: Progress | None = None) -> Compressed:
+    """Compress a copy of ``net`` (a ``PlainConvUNet``/``ResidualEncoderUNet``; not modified).
+
+    Args:
+        net: the trained network, deep supervision off.
+        config: validated settings.
+        input_shape: ``[1, C_in, *patch]``, the nnU-Net patch (HVS ``spatial`` engine, FLOPs).
+    Returns:
+        ``Compressed`` with the new network (eval mode) and its spec.
+    """
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    decomposed, drec = decompose_network(
+        net, config.rank_policy_fn(), method=config.method, guard=config.guard, rank_min=config.rank_min,
+        progress=(lambda name: progress("decompose", name)) if progress else None)
+    seconds["decompose"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    layers = prunable_layers(decomposed, config.prune_site, prune_stem=config.prune_stem)
+    if config.prune_ratio > 0 and layers:
+        ctx = ScoreContext(input_shape=tuple(input_shape), engine=config.engine, seed=config.seed)
+        scores = get_criterion(config.criterion)(decomposed.eval(), layers, ctx)
+    else:
+        scores = {}
+    seconds["score"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    example = example_input(decomposed, int(input_shape[1]), ndim=len(input_shape) - 2)
+    protect = () if config.prune_stem else (stem_output(decomposed),)
+    pruned, prec = prune_network(decomposed, layers if scores else [], scores, config.prune_ratio, example,
+                                 protect=protect, progress=(lambda name: progress("prune", name)) if progress else None)
+    seconds["prune"] = time.perf_counter() - t
+
+    spec = CompressionSpec(ranks=drec.ranks, kept=prec.kept,
+                           provenance={"config": config.to_dict(), "prune_layers": layers})
+    return Compressed(pruned.eval(), spec, drec, prec, seconds)

@@ -1,0 +1,11 @@
+"""Tucker-2 decomposition of convolutions (SPEC §1): factors, rank policies, whole networks."""
+from medslim.decompose.apply import (DecompositionRecord, LayerRecord, apply_ranks, decompose_network,
+                                     eligible_convs, stem_name, tucker_params)
+from medslim.decompose.ranks import RANK_POLICIES, get_rank_policy, register_rank_policy
+from medslim.decompose.tucker import Tucker2Factors, TuckerConv, tucker2_factors
+
+__all__ = [
+    "DecompositionRecord", "LayerRecord", "RANK_POLICIES", "Tucker2Factors", "TuckerConv", "apply_ranks",
+    "decompose_network", "eligible_convs", "get_rank_policy", "register_rank_policy", "stem_name",
+    "tucker2_factors", "tucker_params",
+]

@@ -1,0 +1,286 @@
+"""Tucker-2 on whole networks (nnU-Net ``PlainConvUNet`` / ``ResidualEncoderUNet``; SPEC §1).
+
+Layer names are those of ``net.named_modules()`` on the *original* network (the first name
+of a module registered twice, e.g. ``…convs.0.conv`` rather than ``…convs.0.all_modules.0``,
+and ``encoder.…`` rather than ``decoder.encoder.…``). A replaced module is swapped in every
+parent that holds it, so nnU-Net's ``ConvDropoutNormReLU.conv`` alias and its
+``all_modules`` entry stay the same object.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from medslim.decompose.tucker import METHODS, TuckerConv
+from medslim.errors import MedslimError
+from medslim.spec import LayerRanks
+
+GUARDS = ("params", "params+flops", None)
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """What ``decompose_network`` did to one conv. ``macs_*`` are multiply-accumulates per
+    output voxel (exact for same-padded convs and kernel = stride transposed convs).
+    ``rel_error``/``discarded_energy`` are ``None`` when the guard skipped the layer."""
+
+    ranks: LayerRanks
+    c_in: int
+    c_out: int
+    kernel: tuple[int, ...]
+    transposed: bool
+    params_before: int
+    params_after: int
+    macs_before: float
+    macs_after: float
+    replaced: bool
+    reason: str = ""
+    rel_error: float | None = None
+    discarded_energy: dict[str, float] | None = None
+
+
+@dataclass
+class DecompositionRecord:
+    """Per-layer records in network order, plus the settings that produced them."""
+
+    layers: dict[str, LayerRecord] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ranks(self) -> dict[str, LayerRanks]:
+        """Ranks of the replaced layers only, ready for ``CompressionSpec(ranks=...)``."""
+        return {n: r.ranks for n, r in self.layers.items() if r.replaced}
+
+    @property
+    def skipped(self) -> list[str]:
+        return [n for n, r in self.layers.items() if not r.replaced]
+
+    def params_saved(self) -> int:
+        return sum(r.params_before - r.params_after for r in self.layers.values() if r.replaced)
+
+
+def eligible_convs(net: nn.Module, *, include_stem: bool = True,
+                   include_1x1: bool = False) -> dict[str, nn.Module]:
+    """Convolutions to decompose, in registration order: every ``ConvNd``/``ConvTransposeNd``
+    except segmentation heads (``….seg_layers.…``), grouped convs, and (by default) 1×…×1
+    convs such as ResEnc skip projections. The stem is the first conv in registration order
+    (it reads the network input); ``decompose_network`` decomposes only its output mode.
+
+    Raises:
+        MedslimError: the network is already decomposed, has no convolution, mixes spatial
+            dimensions (e.g. a ``Conv2d`` in a 3D U-Net), or holds something other than a
+            convolution where nnU-Net puts one (``ConvDropoutNormReLU.conv``).
+    """
+    convs = _all_convs(net)
+    out: dict[str, nn.Module] = {}
+    for i, (name, conv) in enumerate(convs.items()):
+        if i == 0 and not include_stem:
+            continue
+        if "seg_layers" in name.split(".") or conv.groups != 1:
+            continue
+        if not include_1x1 and all(k == 1 for k in conv.kernel_size):
+            continue
+        out[name] = conv
+    return out
+
+
+def stem_name(net: nn.Module) -> str:
+    """Name of the first convolution in registration order (nnU-Net's stem)."""
+    return next(iter(_all_convs(net)))
+
+
+def decompose_network(net: nn.Module, policy: Callable[..., LayerRanks], *, method: str = "hosvd",
+                      guard: str | None = "params", rank_min: int = 1, include_stem: bool = True,
+                      include_1x1: bool = False,
+                      progress: Callable[[str], None] | None = None) -> tuple[nn.Module, DecompositionRecord]:
+    """Deep copy of ``net`` with each eligible conv (``eligible_convs``) replaced by its
+    ``TuckerConv``; ``net`` is not modified.
+
+    Ranks: ``policy(weight, transposed=…, modes=…)``, then clamped to ``[rank_min, C]``; the
+    stem gets ``rank_in=None``. ``guard``: ``"params"`` replaces a layer only if that lowers
+    its parameter count, ``"params+flops"`` also its MACs, ``None`` always (DF = 1 sanity
+    check). ``progress(name)`` is called before each layer.
+
+    Raises:
+        MedslimError: unknown ``method``/``guard``, ``rank_min < 1``, or see ``eligible_convs``.
+    """
+    if method not in METHODS:
+        raise MedslimError(f"unknown decomposition method '{method}'{_did_you_mean(method, METHODS)}; "
+                           f"choose one of {', '.join(METHODS)}")
+    if guard not in GUARDS:
+        raise MedslimError(f"unknown rank guard {guard!r}{_did_you_mean(str(guard), GUARDS[:2])}; "
+                           f"choose 'params', 'params+flops' or None")
+    if isinstance(rank_min, bool) or not isinstance(rank_min, int) or rank_min < 1:
+        raise MedslimError(f"rank_min must be a positive integer, got {rank_min!r}")
+    new = copy.deepcopy(net)
+    stem = stem_name(new)
+    convs = eligible_convs(new, include_stem=include_stem, include_1x1=include_1x1)
+    parents = _parents(new)
+    record = DecompositionRecord(settings={"policy": repr(policy), "method": method, "guard": guard,
+                                           "rank_min": rank_min})
+    for name, conv in convs.items():
+        if progress is not None:
+            progress(name)
+        modes = ("out",) if name == stem else ("in", "out")
+        proposed = policy(conv.weight.detach(), transposed=bool(conv.transposed), modes=modes)
+        ranks = LayerRanks(_clamp(proposed.rank_in, rank_min, conv.in_channels),
+                           _clamp(proposed.rank_out, rank_min, conv.out_channels))
+        base = _layer_record(conv, ranks)
+        reason = _guard_reason(base, guard)
+        if reason:
+            record.layers[name] = replace(base, reason=reason)
+            continue
+        tucker, f = TuckerConv.from_conv(conv, ranks.rank_in, ranks.rank_out, method=method)
+        _replace(parents, conv, tucker)
+        record.layers[name] = replace(base, replaced=True, rel_error=f.rel_error,
+                                      discarded_energy=f.discarded_energy)
+    return new, record
+
+
+def apply_ranks(net: nn.Module, ranks: Mapping[str, LayerRanks]) -> nn.Module:
+    """Structure-only rebuild: a deep copy of ``net`` (the base architecture) with each named
+    conv replaced by ``TuckerConv.empty_like`` (default-initialised weights), ready for a
+    strict ``load_state_dict`` of a decomposed network's state dict. ``net`` is not modified.
+
+    Raises:
+        MedslimError: a name that is not a convolution of ``net``, or a rank outside ``[1, C]``.
+    """
+    new = copy.deepcopy(net)
+    modules = dict(new.named_modules(remove_duplicate=False))
+    chosen: dict[int, tuple[str, nn.Module, LayerRanks]] = {}
+    for name, r in ranks.items():
+        conv = modules.get(name)
+        if conv is None:
+            raise MedslimError(f"the compression spec names layer `{name}`, which the network does not have"
+                               f"{_did_you_mean(name, list(modules))}; was the spec made for another architecture?")
+        if not isinstance(conv, _ConvNd):
+            raise MedslimError(f"the compression spec decomposes `{name}`, which is a {type(conv).__name__}, "
+                               f"not a convolution; was the spec made for another architecture?")
+        _check_ranks(name, conv, r)
+        if id(conv) in chosen and chosen[id(conv)][2] != r:
+            raise MedslimError(f"the compression spec gives `{chosen[id(conv)][0]}` and its alias `{name}` "
+                               f"different ranks ({chosen[id(conv)][2].to_list()} vs {r.to_list()})")
+        chosen[id(conv)] = (name, conv, r)
+    parents = _parents(new)
+    for _, conv, r in chosen.values():
+        _replace(parents, conv, TuckerConv.empty_like(conv, r.rank_in, r.rank_out))
+    return new
+
+
+def tucker_params(conv: _ConvNd, ranks: LayerRanks) -> int:
+    """Parameter count of ``TuckerConv(conv, *ranks)``."""
+    r_in = ranks.rank_in or conv.in_channels
+    r_out = ranks.rank_out or conv.out_channels
+    k = math.prod(conv.kernel_size)
+    return ((conv.in_channels * r_in if ranks.rank_in else 0) + r_in * r_out * k
+            + (r_out * conv.out_channels if ranks.rank_out else 0) + (conv.out_channels if conv.bias is not None else 0))
+
+
+def _macs(conv: _ConvNd, ranks: LayerRanks | None) -> float:
+    """MACs per output voxel; the input has ``prod(stride)`` times more (conv) or fewer
+    (transposed conv) voxels than the output."""
+    s = float(math.prod(conv.stride))
+    v_in = 1 / s if conv.transposed else s   # input voxels per output voxel
+    v_core = v_in if conv.transposed else 1.0  # a transposed conv's MACs scale with its input
+    k = math.prod(conv.kernel_size)
+    c_in, c_out = conv.in_channels, conv.out_channels
+    if ranks is None:
+        return c_in * c_out * k * v_core
+    r_in, r_out = ranks.rank_in or c_in, ranks.rank_out or c_out
+    return ((c_in * r_in * v_in if ranks.rank_in else 0) + r_in * r_out * k * v_core
+            + (r_out * c_out if ranks.rank_out else 0))
+
+
+def _layer_record(conv: _ConvNd, ranks: LayerRanks) -> LayerRecord:
+    return LayerRecord(ranks=ranks, c_in=conv.in_channels, c_out=conv.out_channels,
+                       kernel=tuple(conv.kernel_size), transposed=bool(conv.transposed),
+                       params_before=sum(p.numel() for p in conv.parameters()),
+                       params_after=tucker_params(conv, ranks), macs_before=_macs(conv, None),
+                       macs_after=_macs(conv, ranks), replaced=False)
+
+
+def _guard_reason(rec: LayerRecord, guard: str | None) -> str:
+    if guard is None:
+        return ""
+    if rec.params_after >= rec.params_before:
+        return f"guard: {rec.params_after} params after ≥ {rec.params_before} before"
+    if guard == "params+flops" and rec.macs_after >= rec.macs_before:
+        return f"guard: {rec.macs_after:.0f} MACs/voxel after ≥ {rec.macs_before:.0f} before"
+    return ""
+
+
+def _clamp(rank: int | None, rank_min: int, channels: int) -> int | None:
+    return None if rank is None else min(max(int(rank), rank_min), channels)
+
+
+def _check_ranks(name: str, conv: _ConvNd, r: LayerRanks) -> None:
+    if r.rank_in is None and r.rank_out is None:
+        raise MedslimError(f"the compression spec gives `{name}` no rank at all; give rank_in and/or rank_out")
+    if conv.groups != 1:
+        raise MedslimError(f"`{name}` is a grouped convolution (groups={conv.groups}); Tucker-2 does not apply")
+    for what, rank, c in (("input", r.rank_in, conv.in_channels), ("output", r.rank_out, conv.out_channels)):
+        if rank is None:
+            continue
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise MedslimError(f"rank {rank!r} for the {what} mode of `{name}` is not a positive integer")
+        if rank > c:
+            raise MedslimError(f"rank {rank} exceeds the {c} {what} channels of `{name}`; "
+                               f"use a rank ≤ {c} (DF in (0, 1])")
+
+
+def _all_convs(net: nn.Module) -> dict[str, _ConvNd]:
+    """Every ConvNd/ConvTransposeNd by first name, after checking the network is decomposable."""
+    convs: dict[str, _ConvNd] = {}
+    dim: int | None = None
+    for name, m in net.named_modules():
+        if isinstance(m, TuckerConv):
+            raise MedslimError(f"the network is already Tucker-decomposed (`{name}`); "
+                               f"decompose the original network, or rebuild with apply_ranks")
+        if _holds_conv_alias(m) and not isinstance(m.conv, (_ConvNd, TuckerConv)):
+            raise MedslimError(f"`{name}.conv` is a {type(m.conv).__name__} where nnU-Net expects a convolution; "
+                               f"medslim can only decompose Conv/ConvTranspose layers")
+        if not isinstance(m, _ConvNd):
+            continue
+        d = len(m.kernel_size)
+        if dim is None:
+            dim = d
+        elif d != dim:
+            raise MedslimError(f"`{name}` is a {type(m).__name__} in a {dim}D network (first conv is {dim}D); "
+                               f"medslim expects one spatial dimension throughout")
+        convs[name] = m
+    if not convs:
+        raise MedslimError(f"the network ({type(net).__name__}) has no convolution to decompose")
+    return convs
+
+
+def _holds_conv_alias(m: nn.Module) -> bool:
+    """nnU-Net's ``ConvDropoutNormReLU``: ``conv`` aliases the first entry of ``all_modules``."""
+    return "conv" in m._modules and "all_modules" in m._modules
+
+
+def _parents(net: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """For each module id, every ``(parent, key)`` registering it (aliases included)."""
+    index: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in net.modules():
+        for key, child in parent._modules.items():
+            if child is not None:
+                index.setdefault(id(child), []).append((parent, key))
+    return index
+
+
+def _replace(parents: dict[int, list[tuple[nn.Module, str]]], old: nn.Module, new: nn.Module) -> None:
+    # _modules[key] = ... works for attributes and Sequential/ModuleList entries alike
+    for parent, key in parents.get(id(old), []):
+        parent._modules[key] = new
+
+
+def _did_you_mean(name: str, options: Any) -> str:
+    close = difflib.get_close_matches(name, [o for o in options if o is not None], n=1)
+    return f" (did you mean `{close[0]}`?)" if close else ""

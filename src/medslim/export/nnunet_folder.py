@@ -1,0 +1,76 @@
+"""A compressed nnU-Net results folder that stock ``nnUNetv2_predict`` loads unpatched.
+
+Layout (as nnU-Net writes it)::
+
+    OUT/plans.json                 the original plans; the compressed configuration's
+                                   architecture names medslim.network.CompressedUNet + spec
+    OUT/dataset.json               copied
+    OUT/dataset_fingerprint.json   copied when present
+    OUT/fold_N/checkpoint_final.pth  compressed weights; trainer_name = stock nnUNetTrainer
+    OUT/compression_spec.json      the spec alone (same as in plans.json)
+    OUT/compression_report.json    parameters, FLOPs, per-layer table, settings
+
+The folder is written to a temporary sibling and renamed into place when complete, so a
+failure never leaves a half-written ``OUT``; the input folder is only read.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medslim.errors import MedslimError
+from medslim.load.nnunet import NnUNetModel
+from medslim.network import compressed_arch
+from medslim.spec import CompressionSpec
+
+#: the checkpoint names a stock trainer: it builds the network from plans.json, so the
+#: compressed model needs no medslim trainer (nor nnUNet_extTrainer) to predict.
+STOCK_TRAINER = "nnUNetTrainer"
+
+
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """Fail early (before any work) if ``out`` exists, is not empty and ``overwrite`` is off."""
+    if out.exists() and not out.is_dir():
+        raise MedslimError(f"output {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise MedslimError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
+
+
+def write_results_folder(model: NnUNetModel, network_state: dict[str, torch.Tensor], spec: CompressionSpec,
+                         report: dict[str, Any], out: str | Path, overwrite: bool = False) -> Path:
+    """Write the compressed model as an nnU-Net results folder at ``out`` (atomically)."""
+    out = Path(out).expanduser().resolve()
+    check_output_folder(out, overwrite)
+    if out == model.folder.resolve() or model.folder.resolve() in out.parents:
+        raise MedslimError(f"output {out} is inside the input model folder; choose another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        plans = copy.deepcopy(model.plans)
+        cfg = plans["configurations"][model.configuration_name]
+        cfg["architecture"] = compressed_arch(model.architecture, spec)
+        (tmp / "plans.json").write_text(json.dumps(plans, indent=1))
+        shutil.copy(model.folder / "dataset.json", tmp / "dataset.json")
+        if (model.folder / "dataset_fingerprint.json").is_file():
+            shutil.copy(model.folder / "dataset_fingerprint.json", tmp / "dataset_fingerprint.json")
+        ckpt = {k: v for k, v in model.checkpoint.items() if k not in ("optimizer_state", "grad_scaler_state")}
+        ckpt.update(network_weights=network_state, trainer_name=STOCK_TRAINER,
+                    medslim={"source": str(model.folder), "source_trainer": model.checkpoint.get("trainer_name")})
+        ckpt["init_args"] = dict(ckpt["init_args"], plans=plans)
+        (tmp / f"fold_{model.fold}").mkdir()
+        torch.save(ckpt, tmp / f"fold_{model.fold}" / "checkpoint_final.pth")
+        spec.save(tmp / "compression_spec.json")
+        (tmp / "compression_report.json").write_text(json.dumps(report, indent=1, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,278 @@
+"""The linearised network through which HVS-type scores flow backwards.
+
+A deep copy of the model in which every linear module ``f`` (convolution, transposed
+convolution, Linear, average/max pooling, adaptive pooling, upsampling) is replaced by a
+:class:`Linearised` module with ``f_abs`` = ``f`` with weights ``|W|`` and no bias, and whose
+backward is one step of the recursion (SPEC §2), with ``D = f_abs(1)`` the fan-in mass:
+
+- ``hvs``:      ``S_in = vjpₓ(f_abs)(S_out / D)``   (rows of P sum to 1: mass is conserved)
+- ``nisp``:     ``S_in = vjpₓ(f_abs)(S_out)``       (``|A|ᵀ S_out``)
+- ``consumer``: ``S_in = vjpₓ(f_abs)(1)`` for weighted modules (the incoming score is dropped,
+  so a channel receives the column L1 norms of its direct consumers; see ``consumer_l1``).
+
+Normalisation layers, activations and dropout become identities. Fan-outs and concatenations
+are then handled by autograd (scores add at fan-outs and split along channels at concatenations);
+residual additions of known blocks get weight ½ per addend. The forward pass carries ones
+(every ``hvs`` step maps ones to ones), so functional ReLUs called inside ``forward`` pass
+scores unchanged; values never influence the backward pass, which only depends on shapes.
+
+``channel`` engine: convolutions become 1-voxel channel maps ``P̄[o, c] = Σ_a |W[o, c, a]|``
+(transposed convolutions likewise from ``W[c, o, a]``); fixed-size pooling and upsampling
+become identities, so a ``(1, C, 1, …, 1)`` input stays 1 voxel everywhere.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from types import MethodType
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.modules.dropout import _DropoutNd
+
+from medslim.errors import MedslimError
+
+Rule = Literal["hvs", "nisp", "consumer"]
+Engine = Literal["channel", "spatial"]
+
+_ACTIVATIONS = tuple(c for c in vars(nn.modules.activation).values()
+                     if isinstance(c, type) and issubclass(c, nn.Module)
+                     and c not in (nn.Module, nn.MultiheadAttention))
+_PASS_THROUGH = (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, _DropoutNd,
+                 *_ACTIVATIONS)
+_MAX_TO_AVG = {nn.MaxPool1d: nn.AvgPool1d, nn.MaxPool2d: nn.AvgPool2d, nn.MaxPool3d: nn.AvgPool3d}
+_ADAPTIVE = {nn.AdaptiveAvgPool1d: nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d: nn.AdaptiveAvgPool2d,
+             nn.AdaptiveAvgPool3d: nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d: nn.AdaptiveAvgPool1d,
+             nn.AdaptiveMaxPool2d: nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool3d: nn.AdaptiveAvgPool3d}
+_AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+
+
+class _Op:
+    """One linear map ``A ≥ 0`` of the linearised network; subclasses give shape, ``D``, vjp."""
+
+    def __init__(self, rule: Rule, weighted: bool):
+        self.rule, self.weighted = rule, weighted
+
+    def out_shape(self, in_shape: torch.Size, like: Tensor) -> torch.Size:
+        raise NotImplementedError
+
+    def fan_in(self, in_shape: torch.Size, like: Tensor) -> Tensor:
+        """``D = A·1`` for a batch of 1: ``(1, *out_shape[1:])``."""
+        raise NotImplementedError
+
+    def vjp(self, g: Tensor, in_shape: torch.Size) -> Tensor:
+        """``Aᵀ g``: ``out_shape`` → ``in_shape``."""
+        raise NotImplementedError
+
+    def step(self, g: Tensor, in_shape: torch.Size) -> Tensor:
+        if self.rule == "hvs":
+            d = self.fan_in(in_shape, g)
+            g = g / d.masked_fill_(d <= 0, float("inf"))  # D = 0: all-zero row, nothing to pass on
+        elif self.rule == "consumer" and self.weighted:
+            g = torch.ones_like(g)
+        return self.vjp(g, in_shape)
+
+
+class _ConvOp(_Op):
+    """``f_abs`` of a (transposed) convolution with zero padding: weight ``[O, C/g, k…]`` or,
+    transposed, ``[C, O/g, k…]``."""
+
+    def __init__(self, weight: Tensor, stride, padding, dilation, transposed: bool,
+                 output_padding, groups: int, rule: Rule):
+        super().__init__(rule, weighted=True)
+        self.w = weight
+        self.args = (list(stride), list(padding), list(dilation), transposed, list(output_padding))
+        self.groups = groups
+
+    def _conv(self, x: Tensor, w: Tensor, groups: int) -> Tensor:
+        return torch.ops.aten.convolution(x, w, None, *self.args, groups)
+
+    def out_shape(self, in_shape, like):
+        meta = torch.empty(in_shape, device="meta", dtype=self.w.dtype)
+        return self._conv(meta, self.w.to("meta"), self.groups).shape
+
+    def fan_in(self, in_shape, like):
+        transposed = self.args[3]
+        if transposed and self.groups > 1:
+            return self._conv(like.new_ones((1, *in_shape[1:])), self.w, self.groups)
+        # all input channels carry ones, so summing the weight over them gives D from one channel
+        w1 = self.w.sum(0 if transposed else 1, keepdim=True)
+        return self._conv(like.new_ones((1, 1, *in_shape[2:])), w1, 1)
+
+    def vjp(self, g, in_shape):
+        dummy = g.new_empty(1).expand(in_shape)
+        return torch.ops.aten.convolution_backward(g, dummy, self.w, None, *self.args, self.groups,
+                                                   (True, False, False))[0]
+
+
+class _FnOp(_Op):
+    """``f_abs`` given as a function (Linear, pooling, upsampling, exotic padding)."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], rule: Rule, weighted: bool):
+        super().__init__(rule, weighted)
+        self.fn = fn
+
+    def fan_in(self, in_shape, like):
+        return self.fn(like.new_ones((1, *in_shape[1:])))
+
+    def out_shape(self, in_shape, like):
+        return torch.Size((in_shape[0], *self.fan_in(in_shape, like).shape[1:]))
+
+    def vjp(self, g, in_shape):
+        with torch.enable_grad():
+            z = g.new_zeros(in_shape, requires_grad=True)
+            return torch.autograd.grad(self.fn(z), z, g)[0]
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, op: _Op) -> Tensor:
+        ctx.op, ctx.in_shape = op, x.shape
+        return x.new_ones(op.out_shape(x.shape, x))
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return ctx.op.step(g.contiguous(), ctx.in_shape), None
+
+
+class Linearised(nn.Module):
+    """Stand-in for one linear module of the original network (same module name)."""
+
+    def __init__(self, op: _Op, source: str):
+        super().__init__()
+        self.op, self.source = op, source
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _Step.apply(x, self.op)
+
+    def extra_repr(self) -> str:
+        return f"{self.source}, rule={self.op.rule}"
+
+
+def channel_matrix(conv: _ConvNd) -> Tensor:
+    """``P̄[o, c] = Σ_a |W[o, c, a]|`` as a dense ``[C_out, C_in]`` matrix (groups block-diagonal)."""
+    w = conv.weight.detach().abs().flatten(2).sum(2)  # [O, C/g] or, transposed, [C, O/g]
+    if isinstance(conv, _ConvTransposeNd):
+        return torch.block_diag(*(b.T for b in w.chunk(conv.groups, dim=0)))
+    return torch.block_diag(*w.chunk(conv.groups, dim=0))
+
+
+def _conv_replacement(m: _ConvNd, engine: Engine, rule: Rule, dtype: torch.dtype,
+                      scale: Tensor | None) -> _Op:
+    nd = m.weight.dim() - 2
+    if engine == "channel":
+        p = channel_matrix(m).to(dtype)
+        if scale is not None:
+            p = p * scale.to(dtype)[None, :]
+        return _ConvOp(p.reshape(*p.shape, *[1] * nd), [1] * nd, [0] * nd, [1] * nd, False,
+                       [0] * nd, 1, rule)
+    w = m.weight.detach().abs().to(dtype)
+    transposed = isinstance(m, _ConvTransposeNd)
+    if transposed or (not isinstance(m.padding, str) and m.padding_mode == "zeros"):
+        return _ConvOp(w, m.stride, m.padding, m.dilation, transposed,
+                       m.output_padding if transposed else [0] * nd, m.groups, rule)
+    return _FnOp(lambda x: m._conv_forward(x, w, None), rule, weighted=True)
+
+
+def _replacement(name: str, m: nn.Module, engine: Engine, rule: Rule, dtype: torch.dtype,
+                 scale: Tensor | None) -> nn.Module | None:
+    """The stand-in for leaf module ``m``, or ``None`` to keep it (shape-only modules)."""
+    kind = type(m).__name__
+    if isinstance(m, _ConvNd):
+        return Linearised(_conv_replacement(m, engine, rule, dtype, scale), kind)
+    if isinstance(m, nn.Linear):
+        w = m.weight.detach().abs().to(dtype)
+        if scale is not None:
+            w = w * scale.to(dtype)[None, :]
+        return Linearised(_FnOp(lambda x: F.linear(x, w), rule, weighted=True), kind)
+    if type(m) in _ADAPTIVE:
+        return Linearised(_FnOp(_ADAPTIVE[type(m)](m.output_size), rule, weighted=False), kind)
+    if type(m) in _MAX_TO_AVG or isinstance(m, (*_AVG_POOLS, nn.Upsample)):
+        if engine == "channel":
+            return nn.Identity()
+        if type(m) in _MAX_TO_AVG:
+            dilation = m.dilation if isinstance(m.dilation, tuple) else (m.dilation,)
+            if m.return_indices or any(d != 1 for d in dilation):
+                raise MedslimError(f"cannot linearise {kind} '{name}' with dilation or return_indices")
+            m = _MAX_TO_AVG[type(m)](m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                                     count_include_pad=False)
+        return Linearised(_FnOp(m, rule, weighted=False), kind)
+    if isinstance(m, _PASS_THROUGH):
+        return nn.Identity()
+    if any(True for _ in m.parameters(recurse=False)):
+        raise MedslimError(f"HVS scoring does not know how to linearise {kind} ('{name}'); "
+                           f"supported: convolutions, Linear, pooling, upsampling, norms, activations")
+    return None
+
+
+# Residual blocks whose `out + skip` must give each addend weight ½ (SPEC §2). Activations are
+# identities in the linearised network; squeeze-excitation gates and stochastic depth are ignored.
+def _basic_block_d(self, x):
+    return self.medslim_addend * (self.conv2(self.conv1(x)) + self.skip(x))
+
+
+def _bottleneck_d(self, x):
+    return self.medslim_addend * (self.conv3(self.conv2(self.conv1(x))) + self.skip(x))
+
+
+def _tv_basic_block(self, x):
+    skip = x if self.downsample is None else self.downsample(x)
+    return self.medslim_addend * (self.bn2(self.conv2(self.bn1(self.conv1(x)))) + skip)
+
+
+def _tv_bottleneck(self, x):
+    skip = x if self.downsample is None else self.downsample(x)
+    main = self.bn3(self.conv3(self.bn2(self.conv2(self.bn1(self.conv1(x))))))
+    return self.medslim_addend * (main + skip)
+
+
+_RESIDUAL_BLOCKS = {
+    "dynamic_network_architectures.building_blocks.residual": {"BasicBlockD": _basic_block_d,
+                                                               "BottleneckD": _bottleneck_d},
+    "torchvision.models.resnet": {"BasicBlock": _tv_basic_block, "Bottleneck": _tv_bottleneck},
+}
+
+
+def residual_forwards() -> dict[type, Callable]:
+    """Known residual block classes → their linearised forward. Only modules that are already
+    imported are looked at (a model can only hold blocks of imported classes; importing
+    torchvision would cost seconds)."""
+    out: dict[type, Callable] = {}
+    for module, blocks in _RESIDUAL_BLOCKS.items():
+        if (mod := sys.modules.get(module)) is not None:
+            out.update({getattr(mod, cls): fwd for cls, fwd in blocks.items() if hasattr(mod, cls)})
+    return out
+
+
+def linearise(model: nn.Module, engine: Engine, rule: Rule, dtype: torch.dtype,
+              input_scale: dict[str, Tensor] | None = None) -> nn.Module:
+    """A linearised deep copy of ``model`` (module names unchanged; ``model`` untouched).
+
+    Args:
+        input_scale: optional ``{module name: [C_in]}`` factors multiplying the columns of each
+            channel matrix (``hvs_data``: ``E|h_c|``); channel engine only.
+    """
+    net = copy.deepcopy(model).eval().requires_grad_(False)
+    if next(net.children(), None) is None:  # the model is a single layer
+        return _replacement("", net, engine, rule, dtype, (input_scale or {}).get("")) or net
+    new: dict[int, nn.Module] = {}
+    for name, m in net.named_modules():
+        if next(m.children(), None) is None:
+            r = _replacement(name, m, engine, rule, dtype, (input_scale or {}).get(name))
+            if r is not None:
+                new[id(m)] = r
+    # replace every slot holding a module, so aliases (nnU-Net's `conv` / `all_modules.0`) agree
+    for parent in list(net.modules()):
+        for key, child in parent._modules.items():
+            if child is not None and id(child) in new:
+                parent._modules[key] = new[id(child)]
+    forwards = residual_forwards()
+    for m in net.modules():
+        if type(m) in forwards:
+            m.medslim_addend = 1.0 if rule == "consumer" else 0.5
+            m.forward = MethodType(forwards[type(m)], m)
+    return net

@@ -1,0 +1,56 @@
+"""Shared fixtures: the embedded reference nnU-Net, real cases from ../shared/data, and a
+TotalSegmentator-architecture stand-in built in a temp dir."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+HIPPO = SHARED / "Task04_Hippocampus"
+TS_PLANS = SHARED / "totalsegmentator" / "Dataset297_total_3mm_plans_reconstructed.json"
+
+os.environ.setdefault("nnUNet_compile", "f")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    from medslim.api import DEFAULT_MODEL
+
+    assert (DEFAULT_MODEL / "fold_0" / "checkpoint_final.pth").is_file(), "embedded reference model missing"
+    return DEFAULT_MODEL
+
+
+@pytest.fixture(scope="session")
+def reference(reference_dir):
+    from medslim.load import load_results_folder
+
+    return load_results_folder(reference_dir)
+
+
+@pytest.fixture(scope="session")
+def hippo_patch(reference) -> torch.Tensor:
+    """The first held-out test case of ``configs/hippocampus_split.json``, z-scored and
+    cropped/zero-padded to the model's patch: ``[1, 1, *patch]``."""
+    case = json.loads((REPO / "configs" / "hippocampus_split.json").read_text())["test"][0]
+    img = sitk.GetArrayFromImage(sitk.ReadImage(str(HIPPO / "imagesTr" / f"{case}.nii.gz"))).astype(np.float32)
+    img = (img - img.mean()) / (img.std() + 1e-8)
+    patch = reference.patch_size
+    out = np.zeros(patch, np.float32)
+    sl = tuple(slice(0, min(a, b)) for a, b in zip(img.shape, patch))
+    out[sl] = img[sl]
+    return torch.from_numpy(out)[None, None]
+
+
+@pytest.fixture(scope="session")
+def totalseg_dir(tmp_path_factory) -> Path:
+    from medslim.load.totalseg import write_totalseg_standin
+
+    return write_totalseg_standin(TS_PLANS, tmp_path_factory.mktemp("totalseg"))
