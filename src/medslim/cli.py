@@ -88,6 +88,35 @@ def demo(
         f"compressed {dice['compressed']:.3f}")
 
 
+@app.command()
+@user_errors
+def evaluate(
+    pred: Optional[Path] = typer.Option(None, "--pred", help="predicted label maps (nnU-Net or TotalSegmentator layout)"),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="reference label maps: nnU-Net folder, or TotalSegmentator root with meta.csv"),
+    model: Optional[Path] = typer.Option(None, "--model", help="predict with this nnU-Net results folder first (instead of --pred)"),
+    ref_model: Optional[Path] = typer.Option(None, "--ref-model", help="fidelity: score against this model's predictions (instead of --ref)"),
+    images: Optional[Path] = typer.Option(None, "--images", help="nnU-Net images (<case>_0000.nii.gz) for --model/--ref-model"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="folder for per_case.csv, summary.json, summary.md"),
+    tolerance: float = typer.Option(3.0, "--tolerance", help="NSD tolerance in mm"),
+    classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated class names or ids (default: all)"),
+    split: Optional[str] = typer.Option(None, "--split", help="meta.csv split to score (TotalSegmentator layout)"),
+    dataset_json: Optional[Path] = typer.Option(None, "--dataset-json", help="nnU-Net dataset.json naming the labels"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="processes (default min(2, CPUs))"),
+    fold: str = typer.Option("0", "--fold", "-f", help="checkpoint fold for --model/--ref-model"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
+) -> None:
+    """Per-class Dice and NSD (DeepMind surfel method) of predictions against references."""
+    from medslim.evaluate import evaluate_command
+
+    result = evaluate_command(pred, ref, model=model, ref_model=ref_model, images=images, output=output,
+                              tolerance=tolerance, classes=[c.strip() for c in classes.split(",") if c.strip()] if classes else None,
+                              split=split, dataset_json=dataset_json, workers=workers, fold=fold, overwrite=overwrite,
+                              console=console)
+    out_console.print(result.markdown, markup=False, highlight=False)
+    if result.output is not None:
+        out_console.print(f"wrote {result.output}")
+
+
 @app.command("nnunet-path")
 def nnunet_path() -> None:
     """Print the folder to put in nnUNet_extTrainer (medslim's nnU-Net trainers)."""

@@ -176,11 +176,11 @@ def apply_ranks(net: nn.Module, ranks: Mapping[str, LayerRanks]) -> nn.Module:
 
 def tucker_params(conv: _ConvNd, ranks: LayerRanks) -> int:
     """Parameter count of ``TuckerConv(conv, *ranks)``."""
-    r_in = ranks.rank_in or conv.in_channels
-    r_out = ranks.rank_out or conv.out_channels
+    c_in, c_out = conv.in_channels, conv.out_channels
+    r_in, r_out = ranks.rank_in or c_in, ranks.rank_out or c_out
     k = math.prod(conv.kernel_size)
-    return ((conv.in_channels * r_in if ranks.rank_in else 0) + r_in * r_out * k
-            + (r_out * conv.out_channels if ranks.rank_out else 0) + (conv.out_channels if conv.bias is not None else 0))
+    return ((c_in * r_in if ranks.rank_in else 0) + r_in * r_out * k + (r_out * c_out if ranks.rank_out else 0)
+            + (c_out if conv.bias is not None else 0))
 
 
 def _macs(conv: _ConvNd, ranks: LayerRanks | None) -> float:

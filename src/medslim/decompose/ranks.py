@@ -50,10 +50,12 @@ def get_rank_policy(name: str, **params: Any) -> RankPolicy:
         close = difflib.get_close_matches(str(name), RANK_POLICIES, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise MedslimError(f"unknown rank policy '{name}'; {hint}available: {', '.join(sorted(RANK_POLICIES))}")
+    sig = inspect.signature(cls)
     try:
-        inspect.signature(cls).bind(**params)
+        sig.bind(**params)
     except TypeError as e:
-        raise MedslimError(f"rank policy '{name}' takes {inspect.signature(cls)}, got {params}: {e}") from e
+        raise MedslimError(f"rank policy '{name}' takes {', '.join(sig.parameters)}; got "
+                           f"{', '.join(params) or 'no parameters'} ({e})") from e
     return cls(**params)
 
 
