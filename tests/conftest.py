@@ -2,6 +2,7 @@
 TotalSegmentator-architecture stand-in built in a temp dir."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -54,3 +55,24 @@ def totalseg_dir(tmp_path_factory) -> Path:
     from medslim.load.totalseg import write_totalseg_standin
 
     return write_totalseg_standin(TS_PLANS, tmp_path_factory.mktemp("totalseg"))
+
+
+def tree_digest(folder: Path) -> str:
+    """Hash of every file's relative path and bytes: proves an input folder was not modified."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(folder).as_posix().encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def assert_user_error(result, out: Path, match: str) -> None:
+    """A CLI user error: exit 2, one stderr line containing ``match``, no traceback, and no
+    output folder (nor its temporary sibling) left behind."""
+    assert result.exit_code == 2, result.output
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.*")), "temporary folder left behind"

@@ -2,7 +2,6 @@
 input untouched. And on good input: a results folder with a consistent report."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +10,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import assert_user_error, tree_digest
+
 from medslim.cli import app
 
 
@@ -18,23 +19,8 @@ def run(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
-def tree_digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(folder).as_posix().encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
-def assert_user_error(result, out: Path, match: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, result.stderr
-    assert match in lines[0], lines[0]
-    assert "Traceback" not in result.output
-    assert not out.exists()
-    assert not list(out.parent.glob(f".{out.name}.*")), "temporary folder left behind"
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 output folder, inputs untouched; predicting first with nnU-Net (``--model``/``--ref-model``)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
+
+from conftest import assert_user_error, tree_digest as digest
 
 from medslim.cli import app
 
@@ -24,22 +25,8 @@ def run(*args: str):
     return CliRunner().invoke(app, ["evaluate", *map(str, args)])
 
 
-def digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(folder).as_posix().encode() + p.read_bytes())
-    return h.hexdigest()
 
 
-def assert_user_error(result, out: Path, match: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, result.stderr
-    assert match in lines[0], lines[0]
-    assert "Traceback" not in result.output
-    assert not out.exists()
-    assert not list(out.parent.glob(f".{out.name}.*")), "temporary folder left behind"
 
 
 def save(data: np.ndarray, path: Path, affine=None) -> None:
@@ -128,7 +115,7 @@ BAD = [
     (_truncated, [], "cannot read"),
     (_outside_map, ["--dataset-json", HIPPO / "dataset.json"], "label(s) [3] outside the 2-class map"),
     (_non_integer, [], "non-integer values"),
-    (_missing, [], f"1 case(s) have no prediction in"),
+    (_missing, [], "1 case(s) have no prediction in"),
     (_empty, [], "is an empty folder"),
     (None, ["--split", "test"], "--split needs the TotalSegmentator layout"),
     (None, ["--classes", "Anteror", "--dataset-json", HIPPO / "dataset.json"], "did you mean 'Anterior'"),

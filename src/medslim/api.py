@@ -1,7 +1,6 @@
 """The public functions the CLI commands expose (the CLI only parses flags and prints)."""
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path

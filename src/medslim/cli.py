@@ -5,8 +5,8 @@ User errors (``MedslimError``) print one line on stderr and exit with code 2.
 from __future__ import annotations
 
 import functools
-import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -129,8 +129,9 @@ def print_report(report: dict) -> None:
     from rich.table import Table
 
     table = Table(title="medslim compression", show_lines=False)
-    for col in ("layer", "in", "out", "ranks (in, out)", "params"):
-        table.add_column(col, justify="left" if col == "layer" else "right")
+    table.add_column("layer", overflow="fold")
+    for col in ("in", "out", "ranks (in, out)", "params"):
+        table.add_column(col, justify="right", no_wrap=True)
     for row in report["layers"]:
         ranks = "dense" if row["ranks"] is None else ", ".join("-" if r is None else str(r) for r in row["ranks"])
         table.add_row(row["layer"], f"{row['in'][0]}→{row['in'][1]}", f"{row['out'][0]}→{row['out'][1]}", ranks,
@@ -144,6 +145,7 @@ def print_report(report: dict) -> None:
 
 
 def main() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")  # raised by importing torch_pruning
     app()
 
 

@@ -2,6 +2,8 @@
 own predictor, so preprocessing, sliding window and export are exactly nnU-Net's."""
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import torch
@@ -26,10 +28,12 @@ def predict_folder(model_dir: str | Path, images: str | Path, output: str | Path
     if not images.is_dir() or not any(images.glob("*_0000.nii.gz")):
         raise MedslimError(f"no nnU-Net images (<case>_0000.nii.gz) in {images}")
     device = device or default_device()
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
-                                perform_everything_on_device=device.type == "cuda", device=device,
-                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=(fold,), checkpoint_name=checkpoint_name)
     Path(output).mkdir(parents=True, exist_ok=True)
-    predictor.predict_from_files_sequential(str(images), str(output), save_probabilities=False, overwrite=True)
+    # nnU-Net prints device notes and per-case chatter on stdout; keep medslim's output readable
+    with contextlib.redirect_stdout(io.StringIO()):
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
+                                    perform_everything_on_device=device.type == "cuda", device=device,
+                                    verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=(fold,), checkpoint_name=checkpoint_name)
+        predictor.predict_from_files_sequential(str(images), str(output), save_probabilities=False, overwrite=True)
     return Path(output)
