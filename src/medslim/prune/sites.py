@@ -17,12 +17,15 @@ from __future__ import annotations
 
 from torch import nn
 
+from medslim.decompose.tucker import TuckerConv
+from medslim.errors import MedslimError
+
 PRUNE_SITES = ("outer", "rank", "all")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def is_tucker(module: nn.Module) -> bool:
-    return isinstance(module, nn.Sequential) and hasattr(module, "core")
+    return isinstance(module, TuckerConv)
 
 
 def conv_units(net: nn.Module) -> dict[str, nn.Module]:
@@ -48,7 +51,6 @@ def is_head(name: str) -> bool:
 def prunable_layers(net: nn.Module, site: str, *, prune_stem: bool = False) -> list[str]:
     """Names of convolutions whose output channels are pruning candidates at ``site``."""
     if site not in PRUNE_SITES:
-        from medslim.errors import MedslimError
         raise MedslimError(f"unknown prune site '{site}'; choose one of {', '.join(PRUNE_SITES)}")
     units = [(n, m) for n, m in conv_units(net).items() if not is_head(n)]
     names: list[str] = []
