@@ -29,65 +29,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from medslim.evaluate import mean_dice_folder
+from medslim.finetune.hippocampus import DATASET, PLANS, nnunet_env, prepare_hippocampus
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "Task04_Hippocampus"
 SPLIT = REPO / "configs" / "hippocampus_split.json"
-DATASET = "Dataset004_Hippocampus"
 TRAINER = "nnUNetTrainerMedslimCPU"
-PLANS = "nnUNetPlansSmall"
 DEMO_CASES = 5
 
 
 def run(cmd: list[str], env: dict[str, str]) -> None:
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, env=env, check=True)
-
-
-def nnunet_env(workdir: Path, args: argparse.Namespace) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        nnUNet_raw=str(workdir / "nnUNet_raw"),
-        nnUNet_preprocessed=str(workdir / "nnUNet_preprocessed"),
-        nnUNet_results=str(workdir / "nnUNet_results"),
-        nnUNet_extTrainer=str(REPO / "nnunet_plugin"),
-        nnUNet_compile="f",
-        nnUNet_n_proc_DA=str(args.proc_da),
-        MEDSLIM_EPOCHS=str(args.epochs),
-        MEDSLIM_ITERS=str(args.iters),
-        MEDSLIM_SEED=str(args.seed),
-    )
-    return env
-
-
-def hold_out_test_cases(raw: Path, test: list[str]) -> None:
-    """Move the test cases out of imagesTr/labelsTr so nnU-Net never plans or trains on them."""
-    (raw / "imagesTsLabeled").mkdir(exist_ok=True)
-    (raw / "labelsTsLabeled").mkdir(exist_ok=True)
-    for case in test:
-        shutil.move(raw / "imagesTr" / f"{case}_0000.nii.gz", raw / "imagesTsLabeled" / f"{case}_0000.nii.gz")
-        shutil.move(raw / "labelsTr" / f"{case}.nii.gz", raw / "labelsTsLabeled" / f"{case}.nii.gz")
-    ds = json.loads((raw / "dataset.json").read_text())
-    ds["numTraining"] = len(list((raw / "labelsTr").glob("*.nii.gz")))
-    (raw / "dataset.json").write_text(json.dumps(ds, indent=1))
-
-
-def make_small_plans(pre: Path) -> None:
-    plans = json.loads((pre / "nnUNetPlans.json").read_text())
-    plans["plans_name"] = PLANS
-    cfg = plans["configurations"]["3d_fullres"]
-    cfg["architecture"]["arch_kwargs"]["features_per_stage"] = [
-        f // 2 for f in cfg["architecture"]["arch_kwargs"]["features_per_stage"]
-    ]
-    cfg["batch_size"] = 4
-    (pre / f"{PLANS}.json").write_text(json.dumps(plans, indent=1))
 
 
 def main() -> None:
@@ -102,22 +61,14 @@ def main() -> None:
     args = ap.parse_args()
 
     workdir = args.workdir.resolve()
-    env = nnunet_env(workdir, args)
+    env = nnunet_env(workdir, nnUNet_n_proc_DA=str(args.proc_da), MEDSLIM_EPOCHS=str(args.epochs),
+                     MEDSLIM_ITERS=str(args.iters), MEDSLIM_SEED=str(args.seed))
     split = json.loads(SPLIT.read_text())
     raw = workdir / "nnUNet_raw" / DATASET
-    pre = workdir / "nnUNet_preprocessed" / DATASET
     results = workdir / "nnUNet_results" / DATASET / f"{TRAINER}__{PLANS}__3d_fullres"
 
     if not args.skip_training:
-        if raw.exists():
-            shutil.rmtree(raw)
-        if pre.exists():
-            shutil.rmtree(pre)
-        run(["nnUNetv2_convert_MSD_dataset", "-i", str(DATA), "-overwrite_id", "4", "-np", "2"], env)
-        hold_out_test_cases(raw, split["test"])
-        run(["nnUNetv2_plan_and_preprocess", "-d", "4", "-c", "3d_fullres", "-np", "2"], env)
-        make_small_plans(pre)
-        (pre / "splits_final.json").write_text(json.dumps(split["folds"], indent=1))
+        prepare_hippocampus(DATA, SPLIT, workdir, quiet=False)
         run(["nnUNetv2_train", "4", "3d_fullres", "0", "-p", PLANS, "-tr", TRAINER, "-device", "cpu"], env)
 
     pred = workdir / "reference_test_predictions"

@@ -1,0 +1,208 @@
+"""Compress-then-fine-tune with stock ``nnUNetv2_train`` (SPEC §4, Algorithm 2), and the control.
+
+    nnUNetv2_train 4 3d_fullres 0 -p nnUNetPlansSmall -tr nnUNetTrainerMedslim \
+        -pretrained_weights path/to/checkpoint_final.pth -device cpu
+
+Seam (nnU-Net 2.8): ``run_training.py`` calls ``trainer.initialize()`` (network + optimizer),
+then ``load_pretrained_weights(trainer.network, ...)``, which insists on the plans' original
+architecture and skips the segmentation heads, then ``run_training()`` → ``on_train_start()``.
+So ``initialize()`` builds the ORIGINAL network, loads all pretrained tensors itself (heads
+included; mismatches fail here) and builds no optimizer; ``on_train_start()`` compresses the
+network with medslim, swaps in plans naming ``medslim.network.CompressedUNet`` + spec (saved as
+the results folder's plans.json), builds the optimizer on the compressed parameters, saves
+``checkpoint_compressed.pth`` (compressed, not yet fine-tuned) and only then trains. With
+``--c``/``--val``, ``initialize()`` reads the saved plans and rebuilds the compressed network
+before nnU-Net loads the checkpoint. ``build_network_architecture`` rebuilds from plans, so
+stock ``nnUNetv2_predict`` loads the results (with ``nnUNet_extTrainer`` set, as for training).
+
+Settings: the trainer variant's fixed keys, ``MEDSLIM_CONFIG`` (a JSON file, see
+``medslim.finetune.config``), ``MEDSLIM_EPOCHS``/``MEDSLIM_ITERS``/``MEDSLIM_SEED``; the resolved
+config is written to ``medslim_config.json`` in the results folder.
+"""
+import json
+import os
+import random
+import sys
+from os.path import isfile, join
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from medslim.errors import MedslimError
+from medslim.finetune.config import resolve_config
+from medslim.finetune.nnunet import (
+    COMPRESSED_CLASS,
+    build_compressed,
+    check_rebuild,
+    compress_live,
+    compressed_plans,
+    load_full_weights,
+    make_optimizer,
+    pretrained_weights_arg,
+)
+
+_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+
+
+class nnUNetTrainerMedslim(nnUNetTrainer):
+    """Compress (default DF 0.3, ρ 0.5, HVS, site ``outer``) the ``-pretrained_weights`` model,
+    then fine-tune with the thesis schedule (Adam, lr 1e-4, 4 × 50 = 200 updates), deep
+    supervision on. Variants fix keys in ``medslim_fixed``."""
+
+    medslim_fixed: ClassVar[dict] = {}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        self.medslim_config = resolve_config(self.medslim_fixed, os.environ.get("MEDSLIM_CONFIG"), os.environ)
+        self.medslim_config.check_plans(plans, configuration)
+        self._medslim_resume = bool(plans.get("continue_training", False)) or "--val" in sys.argv
+        self._medslim_pretrained = pretrained_weights_arg(sys.argv, os.environ)
+        if not self._medslim_resume and self._medslim_pretrained is None:
+            raise MedslimError(f"{type(self).__name__} fine-tunes a trained model: pass -pretrained_weights "
+                               "<checkpoint_final.pth of the original model>")
+        if self._medslim_pretrained is not None and not isfile(self._medslim_pretrained):
+            raise MedslimError(f"-pretrained_weights {self._medslim_pretrained} does not exist")
+        seed = self.medslim_config.seed
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        cfg = self.medslim_config
+        self.initial_lr, self.weight_decay = cfg.lr, cfg.weight_decay
+        self.num_epochs, self.num_iterations_per_epoch = cfg.epochs, cfg.iterations
+        self.num_val_iterations_per_epoch, self.save_every = cfg.val_iterations, cfg.save_every
+        self._medslim_pending = False
+        self._medslim_report: dict = {}
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
+        """The plans' network; ``CompressedUNet`` rebuilt from its spec when the plans name it."""
+        if configuration_manager.network_arch_class_name == COMPRESSED_CLASS:
+            return build_compressed(configuration_manager.network_arch_init_kwargs, num_input_channels,
+                                    num_output_channels, enable_deep_supervision)
+        return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                        num_output_channels, enable_deep_supervision)
+
+    def _get_deep_supervision_scales(self):
+        """nnU-Net reads the strides from ``arch_kwargs``; a compressed plans keeps them in ``base_arch_kwargs``."""
+        if not self.enable_deep_supervision or self.configuration_manager.network_arch_class_name != COMPRESSED_CLASS:
+            return super()._get_deep_supervision_scales()
+        strides = self.configuration_manager.network_arch_init_kwargs["base_arch_kwargs"]["strides"]
+        return [list(i) for i in 1 / np.cumprod(np.vstack(strides), axis=0)][:-1]
+
+    def _bare_network(self) -> torch.nn.Module:
+        net = self.network.module if self.is_ddp else self.network
+        return getattr(net, "_orig_mod", net)
+
+    def _resuming_from_checkpoint(self) -> bool:
+        return self._medslim_resume and any(isfile(join(self.output_folder, c)) for c in _CHECKPOINTS)
+
+    def initialize(self):
+        if self.was_initialized:
+            return super().initialize()  # nnU-Net's own error
+        cfg = self.medslim_config
+        if self._resuming_from_checkpoint():
+            saved = join(self.output_folder_base, "plans.json")
+            if cfg.compress:
+                if not isfile(saved):
+                    raise MedslimError(f"cannot continue: {saved} (plans of the compressed network) is missing")
+                plans = json.loads(Path(saved).read_text())
+                if plans["configurations"][self.configuration_name]["architecture"]["network_class_name"] != COMPRESSED_CLASS:
+                    raise MedslimError(f"cannot continue: {saved} does not describe a medslim-compressed network")
+                self.plans_manager = PlansManager(plans)
+                self.configuration_manager = self.plans_manager.get_configuration(self.configuration_name)
+            return super().initialize()
+        if self._medslim_pretrained is None:
+            raise MedslimError(f"no checkpoint to continue from in {self.output_folder} and no -pretrained_weights")
+        if cfg.compress and self.is_ddp:
+            raise MedslimError("compress-then-fine-tune runs on one device; multi-GPU (DDP) is not supported")
+        self._medslim_pending = cfg.compress
+        super().initialize()  # the original network; no optimizer while compression is pending
+        load_full_weights(self._bare_network(), self._medslim_pretrained)
+        self.print_to_log_file(f"medslim: loaded all tensors of {self._medslim_pretrained}")
+
+    def _do_i_compile(self) -> bool:
+        return not self._medslim_pending and super()._do_i_compile()
+
+    def configure_optimizers(self):
+        if self._medslim_pending:
+            return None, None
+        return make_optimizer(self.network.parameters(), self.medslim_config)
+
+    def _medslim_compress(self) -> None:
+        """Compress the pretrained network, switch plans, build the optimizer, save the
+        compressed-but-not-fine-tuned checkpoint."""
+        cfg = self.medslim_config
+        input_shape = [1, self.num_input_channels, *self.configuration_manager.patch_size]
+        net, report = compress_live(self._bare_network().cpu(), cfg, input_shape)
+        plans = compressed_plans(self.plans_manager.plans, self.configuration_name, net.spec)
+        check_rebuild(net, plans, self.configuration_name, self.num_input_channels,
+                      self.label_manager.num_segmentation_heads)
+        self.plans_manager = PlansManager(plans)
+        self.configuration_manager = self.plans_manager.get_configuration(self.configuration_name)
+        self.network = net.to(self.device)
+        self._medslim_pending = False
+        if self._do_i_compile():
+            self.network = torch.compile(self.network)
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+        self._medslim_report = report
+        self.print_to_log_file(f"medslim: compressed {report['parameters_before']} → "
+                               f"{report['parameters_after']} parameters ({cfg.compression().to_dict()})")
+        os.makedirs(self.output_folder, exist_ok=True)
+        self.save_checkpoint(join(self.output_folder, "checkpoint_compressed.pth"))
+
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        if self._medslim_pending:
+            self._medslim_compress()
+        super().on_train_start()  # writes plans.json from self.plans_manager (compressed)
+        path = join(self.output_folder_base, "medslim_config.json")
+        record = {"trainer": type(self).__name__, "pretrained_weights": self._medslim_pretrained,
+                  "continued": self._medslim_resume, "config": self.medslim_config.to_dict(),
+                  "compression_report": self._medslim_report or None}
+        if self._medslim_resume and isfile(path):  # keep what the first run recorded
+            first = json.loads(Path(path).read_text())
+            record.update(pretrained_weights=first.get("pretrained_weights"),
+                          compression_report=first.get("compression_report"))
+        if self.local_rank == 0:
+            with open(path, "w") as f:
+                json.dump(record, f, indent=1)
+
+
+class nnUNetTrainerMedslimControl(nnUNetTrainerMedslim):
+    """The control: the identical fine-tune on the uncompressed pretrained model."""
+
+    medslim_fixed: ClassVar[dict] = {"compress": False}
+
+
+class nnUNetTrainerMedslimWeber(nnUNetTrainerMedslim):
+    """Weber et al. 2025 schedule: AdamW, lr 1e-5, 50 epochs × 250 iterations, rank_min 8."""
+
+    medslim_fixed: ClassVar[dict] = {"schedule": "weber"}
+
+
+class nnUNetTrainerMedslimWeberControl(nnUNetTrainerMedslim):
+    """The Weber et al. schedule on the uncompressed model."""
+
+    medslim_fixed: ClassVar[dict] = {"schedule": "weber", "compress": False}
+
+
+def _grid_name(df: float, rho: float) -> str:
+    return f"nnUNetTrainerMedslim_DF{str(df).replace('.', 'p')}_P{str(rho).replace('.', 'p')}"
+
+
+# The thesis grid (thesis schedule, HVS, site outer): nnUNetTrainerMedslim_DF0p3_P0p5 etc.
+for _df in (0.3, 0.5, 0.7, 0.9):
+    for _rho in (0.0, 0.3, 0.5, 0.7):
+        _name = _grid_name(_df, _rho)
+        globals()[_name] = type(_name, (nnUNetTrainerMedslim,), {
+            "medslim_fixed": {"df": _df, "prune_ratio": _rho},
+            "__doc__": f"DF {_df}, ρ {_rho}, HVS, thesis schedule.",
+            "__module__": __name__})
+del _df, _rho, _name

@@ -1,0 +1,236 @@
+"""medslim's nnU-Net trainers with stock ``nnUNetv2_train``/``nnUNetv2_predict`` on the real
+Hippocampus data: plan/preprocess → compress-then-fine-tune (tiny CPU budget) → predict held-out
+test cases → Dice; ``--c``; and bad input failing before any training."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import HIPPO, REPO
+
+from medslim.errors import MedslimError
+from medslim.evaluate import mean_dice_folder
+from medslim.finetune import SCHEDULES, resolve_config
+from medslim.finetune.hippocampus import DATASET, PLANS, prepare_hippocampus
+from medslim.finetune.nnunet import (
+    COMPRESSED_CLASS,
+    load_full_weights,
+    pretrained_weights_arg,
+)
+
+CKPT = REPO / "src" / "medslim" / "default_model" / "Dataset004_Hippocampus" / "fold_0" / "checkpoint_final.pth"
+TRAINER = "nnUNetTrainerMedslim"
+N_CASES = 5
+BIN = Path(sys.executable).parent
+
+
+def train(env: dict[str, str], trainer: str, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = ["nice", "-n", "10", str(BIN / "nnUNetv2_train"), "4", "3d_fullres", "0", "-p", PLANS, "-tr", trainer,
+           "-device", "cpu", *extra]
+    return subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def predict(env: dict[str, str], trainer: str, images: Path, out: Path, checkpoint: str) -> Path:
+    subprocess.run(["nice", "-n", "10", str(BIN / "nnUNetv2_predict"), "-i", str(images), "-o", str(out), "-d", "4",
+                    "-c", "3d_fullres", "-p", PLANS, "-tr", trainer, "-f", "0", "-chk", checkpoint,
+                    "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"],
+                   env=env, check=True, capture_output=True, timeout=600)
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    work = tmp_path_factory.mktemp("nnunet")
+    env = prepare_hippocampus(HIPPO, REPO / "configs" / "hippocampus_split.json", work)
+    # nnU-Net's final validation predicts every validation case (~2 min for 32 on a busy CPU):
+    # keep 4 of fold 0's validation cases; training still samples all 128 training cases.
+    splits_file = work / "nnUNet_preprocessed" / DATASET / "splits_final.json"
+    splits = json.loads(splits_file.read_text())
+    splits[0]["val"] = splits[0]["val"][:4]
+    splits_file.write_text(json.dumps(splits))
+    config = work / "finetune.json"
+    # The thesis schedule (Adam, lr 1e-4) with a tiny budget: 2 epochs x 6 updates.
+    config.write_text(json.dumps({"epochs": 2, "iterations": 6,
+                                  "val_iterations": 1, "dataset_name": DATASET, "plans_name": PLANS}))
+    env.update(nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1", MEDSLIM_CONFIG=str(config), OMP_NUM_THREADS="2")
+    return work, env
+
+
+@pytest.fixture(scope="module")
+def trained(workdir) -> Path:
+    work, env = workdir
+    run = train(env, TRAINER, "-pretrained_weights", str(CKPT))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return work / "nnUNet_results" / DATASET / f"{TRAINER}__{PLANS}__3d_fullres"
+
+
+@pytest.fixture(scope="module")
+def test_images(workdir) -> tuple[Path, list[str]]:
+    work, _ = workdir
+    cases = json.loads((REPO / "configs" / "hippocampus_split.json").read_text())["test"][:N_CASES]
+    folder = work / "imagesTs_subset"
+    folder.mkdir()
+    for case in cases:
+        (folder / f"{case}_0000.nii.gz").symlink_to(work / "nnUNet_raw" / DATASET / "imagesTsLabeled" / f"{case}_0000.nii.gz")
+    return folder, cases
+
+
+@pytest.mark.slow
+def test_results_folder_names_compressed_network_and_config(trained):
+    plans = json.loads((trained / "plans.json").read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    assert arch["network_class_name"] == COMPRESSED_CLASS
+    assert arch["arch_kwargs"]["compression"]["kept"], "nothing was pruned at rho 0.5"
+    record = json.loads((trained / "medslim_config.json").read_text())
+    assert record["config"]["df"] == 0.3 and record["config"]["prune_ratio"] == 0.5
+    assert record["config"]["optimizer"] == "adam" and record["config"]["updates"] == 12
+    report = record["compression_report"]
+    assert report["parameters_after"] < 0.5 * report["parameters_before"]
+    for name in ("checkpoint_compressed.pth", "checkpoint_final.pth"):
+        assert (trained / "fold_0" / name).is_file()
+    ckpt = torch.load(trained / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["current_epoch"] == 2 and ckpt["trainer_name"] == TRAINER
+    # deep supervision heads were trained with the pruned channels: their inputs match the decoder
+    heads = {k: v.shape for k, v in ckpt["network_weights"].items() if ".seg_layers." in k and k.endswith("weight")}
+    assert len(heads) == 3 and all(s[0] == 3 for s in heads.values())
+
+
+@pytest.mark.slow
+def test_stock_predict_loads_finetuned_model_and_dice_improves(workdir, trained, test_images):
+    work, env = workdir
+    images, cases = test_images
+    labels = work / "nnUNet_raw" / DATASET / "labelsTsLabeled"
+    dice = {}
+    for chk in ("checkpoint_compressed.pth", "checkpoint_final.pth"):
+        out = predict(env, TRAINER, images, work / f"pred_{chk}", chk)
+        dice[chk] = mean_dice_folder(out, labels, cases, [1, 2])["mean"]
+    print("test-case Dice before/after fine-tuning:", dice)
+    assert dice["checkpoint_final.pth"] > dice["checkpoint_compressed.pth"] + 0.01, dice
+    assert dice["checkpoint_final.pth"] > 0.3, dice
+
+
+@pytest.mark.slow
+def test_continue_rebuilds_compressed_network(workdir, trained):
+    _, env = workdir
+    run = train(dict(env, MEDSLIM_EPOCHS="3", MEDSLIM_ITERS="2"), TRAINER, "--c")
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = torch.load(trained / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["current_epoch"] == 3
+    record = json.loads((trained / "medslim_config.json").read_text())
+    assert record["continued"] is True and record["compression_report"]["parameters_after"] > 0
+
+
+@pytest.mark.slow
+def test_control_finetunes_the_uncompressed_model(workdir):
+    work, env = workdir
+    trainer = "nnUNetTrainerMedslimControl"
+    run = train(dict(env, MEDSLIM_EPOCHS="1", MEDSLIM_ITERS="3"), trainer, "-pretrained_weights", str(CKPT))
+    assert run.returncode == 0, run.stderr[-3000:]
+    folder = work / "nnUNet_results" / DATASET / f"{trainer}__{PLANS}__3d_fullres"
+    arch = json.loads((folder / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"]
+    assert arch["network_class_name"].endswith(".PlainConvUNet")
+    record = json.loads((folder / "medslim_config.json").read_text())
+    assert record["config"]["compression"] is None and record["config"]["optimizer"] == "adam"
+    after = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    before = torch.load(CKPT, map_location="cpu", weights_only=False)["network_weights"]
+    assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
+    # 3 Adam updates at lr 1e-4 move a weight by < 1e-3: the heads started from the pretrained ones
+    head = "decoder.seg_layers.2.weight"
+    assert 0 < (after[head] - before[head]).abs().max() < 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("problem, extra, config, message", [
+    ("missing weights", [], None, "pass -pretrained_weights"),
+    ("weights file absent", ["-pretrained_weights", "/nonexistent/checkpoint_final.pth"], None, "does not exist"),
+    ("unknown key", ["-pretrained_weights", str(CKPT)], {"df": 0.3, "learning_rate": 1e-4}, "unknown key(s) learning_rate"),
+    ("out of range", ["-pretrained_weights", str(CKPT)], {"prune_ratio": 1.5}, "--prune must be in [0, 1)"),
+    ("other plans", ["-pretrained_weights", str(CKPT)], {"plans_name": "nnUNetPlans"}, "expects plans_name 'nnUNetPlans'"),
+])
+def test_bad_input_fails_before_training(workdir, tmp_path, problem, extra, config, message):
+    work, env = workdir
+    env = dict(env)
+    if config is not None:
+        (tmp_path / "bad.json").write_text(json.dumps(config))
+        env["MEDSLIM_CONFIG"] = str(tmp_path / "bad.json")
+    trainer = "nnUNetTrainerMedslimWeber"
+    run = train(env, trainer, *extra, timeout=120)
+    assert run.returncode != 0
+    assert "MedslimError: " in run.stderr and message in run.stderr, run.stderr[-2000:]
+    assert not (work / "nnUNet_results" / DATASET / f"{trainer}__{PLANS}__3d_fullres").exists()
+
+
+@pytest.mark.slow
+def test_incompatible_weights_fail_before_training(workdir, tmp_path):
+    work, env = workdir
+    ckpt = torch.load(CKPT, map_location="cpu", weights_only=False)
+    key = "decoder.stages.0.convs.0.conv.weight"
+    ckpt["network_weights"][key] = ckpt["network_weights"][key][:, :7]
+    torch.save(ckpt, tmp_path / "bad.pth")
+    trainer = "nnUNetTrainerMedslim_DF0p9_P0p0"
+    run = train(env, trainer, "-pretrained_weights", str(tmp_path / "bad.pth"), timeout=300)
+    assert run.returncode != 0
+    assert "MedslimError: " in run.stderr and f"'{key}' has shape" in run.stderr, run.stderr[-2000:]
+    folder = work / "nnUNet_results" / DATASET / f"{trainer}__{PLANS}__3d_fullres" / "fold_0"
+    assert not list(folder.glob("checkpoint_*.pth")) and not (folder.parent / "plans.json").exists()
+
+
+# --- library side, no nnU-Net run -------------------------------------------------------------
+
+def test_schedules_and_overrides(tmp_path):
+    thesis = resolve_config()
+    assert (thesis.optimizer, thesis.lr, thesis.updates) == ("adam", 1e-4, 200)
+    weber = resolve_config({"schedule": "weber"})
+    assert (weber.optimizer, weber.lr, weber.epochs, weber.rank_min) == ("adamw", 1e-5, 50, 8)
+    env = resolve_config({"schedule": "weber"}, environ={"MEDSLIM_EPOCHS": "3", "MEDSLIM_ITERS": "7"})
+    assert (env.epochs, env.iterations, env.lr) == (3, 7, 1e-5)
+    control = resolve_config({"compress": False})
+    assert control.to_dict()["compression"] is None and control.updates == thesis.updates
+    assert set(SCHEDULES) == {"thesis", "weber"}
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"df": 0.0}, "--df must be in (0, 1]"),
+    ({"df": "0.3"}, "'df' must be a number"),
+    ({"epochs": 0}, "epochs must be >= 1"),
+    ({"criterion": "magic"}, "magic"),
+    ({"prune_site": "nowhere"}, "unknown prune site"),
+    ({"schedule": "fast"}, "unknown schedule 'fast'"),
+    ({"prune_ratio": 0.3}, "the trainer fixes prune_ratio=0.5"),
+])
+def test_config_errors(tmp_path, config, message):
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    with pytest.raises(MedslimError) as err:
+        resolve_config({"prune_ratio": 0.5}, tmp_path / "c.json")
+    assert message in str(err.value)
+
+
+def test_config_must_match_plans(reference):
+    cfg = resolve_config(None)
+    cfg.check_plans(reference.plans, "3d_fullres")
+    with pytest.raises(MedslimError, match="expects configuration '2d'"):
+        resolve_config({"configuration": "2d"}).check_plans(reference.plans, "3d_fullres")
+    compressed = json.loads(json.dumps(reference.plans))
+    compressed["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = COMPRESSED_CLASS
+    with pytest.raises(MedslimError, match="already describe a medslim-compressed network"):
+        cfg.check_plans(compressed, "3d_fullres")
+    resolve_config({"compress": False}).check_plans(compressed, "3d_fullres")
+
+
+def test_full_weights_include_heads_and_reject_mismatch(reference, tmp_path):
+    net = reference.build_network()
+    for p in net.parameters():
+        torch.nn.init.zeros_(p)
+    load_full_weights(net, CKPT)
+    ref = torch.load(CKPT, map_location="cpu", weights_only=False)["network_weights"]
+    assert torch.equal(net.state_dict()["decoder.seg_layers.2.weight"], ref["decoder.seg_layers.2.weight"])
+    with pytest.raises(MedslimError, match="is not an nnU-Net checkpoint"):
+        torch.save({"weights": {}}, tmp_path / "x.pth")
+        load_full_weights(net, tmp_path / "x.pth")
+    assert pretrained_weights_arg(["nnUNetv2_train", "4", "-pretrained_weights", "a.pth"], {}) == "a.pth"
+    assert pretrained_weights_arg(["nnUNetv2_train"], {"MEDSLIM_PRETRAINED_WEIGHTS": "b.pth"}) == "b.pth"
+    assert pretrained_weights_arg(["nnUNetv2_train"], {}) is None
