@@ -117,6 +117,21 @@ def evaluate(
         out_console.print(f"wrote {result.output}")
 
 
+@app.command("export-bundle")
+@user_errors
+def export_bundle(
+    model: Path = typer.Argument(..., help="nnU-Net results folder (original or compressed by medslim)"),
+    output: Path = typer.Option(..., "-o", "--output", help="new bundle folder (must not exist)"),
+    fold: str = typer.Option("0", "--fold", "-f", help="checkpoint fold"),
+    checkpoint: str = typer.Option("checkpoint_final.pth", "--checkpoint", help="checkpoint file name"),
+) -> None:
+    """Write a MONAI bundle (configs, model.pt, model.ts, docs) that `python -m monai.bundle run` runs."""
+    from medslim.export.bundle import export_bundle as write_bundle
+
+    bundle = write_bundle(model, output, fold, checkpoint)
+    out_console.print(f"wrote {bundle} (from {model}, fold {fold})", highlight=False, soft_wrap=True)
+
+
 @app.command("nnunet-path")
 def nnunet_path() -> None:
     """Print the folder to put in nnUNet_extTrainer (medslim's nnU-Net trainers)."""

@@ -1,0 +1,36 @@
+"""The loop a medslim bundle's ``run`` calls. MONAI's ``SupervisedEvaluator`` needs
+pytorch-ignite, which is not a MONAI core dependency; this keeps bundles runnable with only
+``medslim`` and ``monai`` installed."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import MetaTensor
+
+
+def case_name(metadict: Mapping[str, Any], saver: Any = None) -> dict[str, Any]:
+    """``SaveImaged`` name: ``<case>_0000.nii.gz`` → ``<case>`` (nnU-Net's convention)."""
+    name = Path(str(metadict.get("filename_or_obj", "case"))).name
+    for ext in (".nii.gz", ".nii"):
+        name = name.removesuffix(ext)
+    if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
+        name = name[:-5]
+    return {"subject": name, "idx": None}
+
+
+def run_inference(dataset: Iterable[dict[str, Any]], network: torch.nn.Module,
+                  inferer: Callable[..., torch.Tensor], postprocessing: Callable[[dict[str, Any]], Any],
+                  device: torch.device) -> int:
+    """Segment every item: image ``[C, *S]`` → logits ``[K, *S]`` → ``postprocessing`` (argmax,
+    invert, save). Returns the number of cases."""
+    network.eval()
+    n = 0
+    with torch.no_grad():
+        for item in dataset:
+            logits = inferer(item["image"][None].to(device), network)[0].cpu()
+            postprocessing(dict(item, pred=MetaTensor(logits)))  # Invertd keeps meta only on MetaTensors
+            n += 1
+    return n
