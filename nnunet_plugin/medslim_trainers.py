@@ -34,8 +34,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from medslim.errors import MedslimError
 from medslim.finetune.config import resolve_config
+from medslim.network import COMPRESSED_CLASS
 from medslim.finetune.nnunet import (
-    COMPRESSED_CLASS,
     build_compressed,
     check_rebuild,
     compress_live,

@@ -16,8 +16,8 @@ from medslim.errors import MedslimError
 from medslim.evaluate import mean_dice_folder
 from medslim.finetune import SCHEDULES, resolve_config
 from medslim.finetune.hippocampus import DATASET, PLANS, prepare_hippocampus
+from medslim.network import COMPRESSED_CLASS
 from medslim.finetune.nnunet import (
-    COMPRESSED_CLASS,
     load_full_weights,
     pretrained_weights_arg,
 )

@@ -93,13 +93,17 @@ class CompressedUNet(nn.Module):
         return self.decoder(self.encoder(x))
 
 
+#: the dotted path nnU-Net plans and bundle configs use for ``CompressedUNet``
+COMPRESSED_CLASS = f"{CompressedUNet.__module__}.{CompressedUNet.__name__}"
+
+
 def compressed_arch(base_architecture: Mapping[str, Any], spec: CompressionSpec) -> dict[str, Any]:
     """The plans ``architecture`` entry that makes nnU-Net build ``CompressedUNet``."""
     base = copy.deepcopy(dict(base_architecture))
-    if base["network_class_name"] == f"{CompressedUNet.__module__}.{CompressedUNet.__name__}":
+    if base["network_class_name"] == COMPRESSED_CLASS:
         raise MedslimError("this model is already compressed by medslim; compress the original model instead")
     return {
-        "network_class_name": f"{CompressedUNet.__module__}.{CompressedUNet.__name__}",
+        "network_class_name": COMPRESSED_CLASS,
         "arch_kwargs": {
             "base_network_class_name": base["network_class_name"],
             "base_arch_kwargs": base["arch_kwargs"],

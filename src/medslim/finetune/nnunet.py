@@ -17,7 +17,6 @@ from medslim.finetune.config import FinetuneConfig
 from medslim.network import CompressedUNet, compressed_arch
 from medslim.spec import CompressionSpec
 
-COMPRESSED_CLASS = f"{CompressedUNet.__module__}.{CompressedUNet.__name__}"
 
 
 def pretrained_weights_arg(argv: Sequence[str], environ: Mapping[str, str]) -> str | None:
