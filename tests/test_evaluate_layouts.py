@@ -170,7 +170,7 @@ def test_totalseg_bad_structures_and_labels(tmp_path):
     nib.save(nib.Nifti1Image(mask, np.eye(4)), str(ref / "a" / "segmentations" / "liver.nii.gz"))
     (pred / "a").mkdir(parents=True)
     nib.save(nib.Nifti1Image(mask, np.eye(4)), str(pred / "a" / "livr.nii.gz"))
-    with pytest.raises(MedslimError, match="unknown structure 'livr' \\(did you mean 'liver'"):
+    with pytest.raises(MedslimError, match="unknown structure 'livr'; did you mean 'liver'"):
         evaluate_folder(pred, ref, workers=1)
     shutil.rmtree(pred / "a")
     nib.save(nib.Nifti1Image(mask * 200, np.eye(4)), str(pred / "a.nii.gz"))

@@ -73,3 +73,21 @@ def test_stock_nnunet_predict_runs_compressed_folder(reference, test_images, ori
             agree = dice_per_class(labels, sitk.GetArrayFromImage(orig), [1, 2])
             assert min(agree.values()) >= min_agreement, (case, agree)
     assert report["params"]["compressed"] < report["params"]["original"]
+
+
+def test_cli_predict_folder_gives_nnunet_label_maps(reference_dir, test_images, original_predictions, tmp_path):
+    from typer.testing import CliRunner
+
+    from medslim.cli import app
+
+    out = tmp_path / "pred"
+    result = CliRunner().invoke(app, ["predict", str(reference_dir), "-i", str(test_images[0]), "-o", str(out),
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in test_images[1])
+    for case in test_images[1]:
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(read(out / f"{case}.nii.gz")),
+                                      sitk.GetArrayFromImage(read(original_predictions / f"{case}.nii.gz")))
+    bad = CliRunner().invoke(app, ["predict", str(reference_dir), "-i", str(test_images[0]), "-o", str(tmp_path / "x"),
+                                   "--ml"])
+    assert bad.exit_code == 2 and "single image" in bad.stderr and not (tmp_path / "x").exists()

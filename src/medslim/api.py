@@ -13,7 +13,7 @@ from medslim.compress import CompressConfig, compress_network
 from medslim.export.nnunet_folder import write_results_folder
 from medslim.errors import MedslimError
 from medslim.load.nnunet import NnUNetModel, load_results_folder
-from medslim.network import COMPRESSED_CLASS
+from medslim.network import is_compressed
 from medslim.summary import summarize
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model" / "Dataset004_Hippocampus"
@@ -24,7 +24,7 @@ def compress_model(model: NnUNetModel, config: CompressConfig, output: str | Pat
                    console: Console | None = None) -> dict[str, Any]:
     """Compress ``model`` and write the new results folder ``output``; returns the report
     (also saved as ``output/compression_report.json``)."""
-    if model.architecture["network_class_name"] == COMPRESSED_CLASS:
+    if is_compressed(model.architecture):
         raise MedslimError(f"{model.folder} is already compressed by medslim; compress the original model instead")
     net = model.build_network()
     input_shape = [1, model.num_input_channels, *model.patch_size]

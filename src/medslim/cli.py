@@ -55,7 +55,7 @@ def compress(
     """Decompose, score and prune a trained nnU-Net into a new results folder that stock
     nnUNetv2_predict loads."""
     from medslim.compress import CompressConfig
-    from medslim.export.nnunet_folder import check_output_folder
+    from medslim.atomic import check_output_folder
     from medslim.load import load_model
     from medslim.api import compress_model
 
@@ -117,6 +117,46 @@ def evaluate(
         out_console.print(f"wrote {result.output}")
 
 
+@app.command()
+@user_errors
+def predict(
+    model: str = typer.Argument(..., help="nnU-Net results folder (e.g. a compressed TotalSegmentator model), or a TotalSegmentator task"),
+    input: Path = typer.Option(..., "-i", "--input", help="one NIfTI image, or a folder of nnU-Net images (<case>_0000.nii.gz)"),
+    output: Path = typer.Option(..., "-o", "--output", help="folder (per-structure files / nnU-Net label maps), or with --ml a .nii.gz file"),
+    ml: bool = typer.Option(False, "--ml", help="one multi-label map instead of one file per structure (TotalSegmentator's --ml)"),
+    roi_subset: Optional[str] = typer.Option(None, "--roi-subset", help="comma-separated structure names to write (single image)"),
+    fold: str = typer.Option("0", "--fold", "-f", help="checkpoint fold"),
+    checkpoint: str = typer.Option("checkpoint_final.pth", "--checkpoint", help="checkpoint file name"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output"),
+) -> None:
+    """Segment with nnU-Net's predictor. One NIfTI image gives TotalSegmentator's outputs
+    (<structure>.nii.gz per class, or --ml); a folder gives nnU-Net label maps."""
+    import torch
+
+    from medslim.atomic import atomic_folder, check_output_folder
+    from medslim.load import load_model
+    from medslim.predict import predict_folder, segment_image
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise MedslimError(f"--device must be auto, cpu or cuda, got '{device}'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MedslimError("--device cuda: no CUDA device is available")
+    dev = None if device == "auto" else torch.device(device)
+    loaded = load_model(model, fold, checkpoint)  # validates the folder; resolves TotalSegmentator tasks
+    if input.is_dir():
+        if ml or roi_subset:
+            raise MedslimError("--ml and --roi-subset apply to a single image; a folder gives nnU-Net label maps")
+        check_output_folder(output.expanduser(), overwrite)
+        with atomic_folder(output, overwrite) as tmp:
+            predict_folder(loaded.folder, input, tmp, fold=loaded.fold, device=dev, checkpoint_name=checkpoint)
+    else:
+        segment_image(loaded.folder, input, output, ml=ml, fold=loaded.fold, device=dev, checkpoint_name=checkpoint,
+                      roi_subset=[r.strip() for r in roi_subset.split(",") if r.strip()] if roi_subset else None,
+                      overwrite=overwrite)
+    out_console.print(f"wrote {output}", highlight=False, soft_wrap=True)
+
+
 @app.command("export-bundle")
 @user_errors
 def export_bundle(
@@ -138,6 +178,10 @@ def nnunet_path() -> None:
     import nnunet_plugin
 
     print(Path(nnunet_plugin.__file__).resolve().parent)
+
+
+
+
 
 
 def print_report(report: dict) -> None:

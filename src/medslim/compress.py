@@ -25,9 +25,11 @@ Progress = Callable[[str, str], None]  # (stage, layer name)
 
 
 @dataclass(frozen=True)
-class CompressConfig:
-    """How to compress. ``df`` is the thesis' 'downsampling factor' (a rank ratio);
-    ``prune_ratio`` is ρ, the fraction of channels removed per layer."""
+class CompressionSettings:
+    """The compression knobs, shared by ``CompressConfig`` and the fine-tune config (which
+    validates them through ``CompressConfig`` only when it compresses). ``df`` is the thesis'
+    'downsampling factor' (a rank ratio); ``prune_ratio`` is ρ, the fraction of channels
+    removed per layer."""
 
     df: float = 0.3
     rank_policy: str = "df"
@@ -40,6 +42,12 @@ class CompressConfig:
     engine: str = "channel"
     prune_site: str = "outer"
     prune_stem: bool = False
+
+
+@dataclass(frozen=True)
+class CompressConfig(CompressionSettings):
+    """How to compress: validated settings + the seed (``random`` criterion)."""
+
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -97,10 +97,15 @@ class CompressedUNet(nn.Module):
 COMPRESSED_CLASS = f"{CompressedUNet.__module__}.{CompressedUNet.__name__}"
 
 
+def is_compressed(architecture: Mapping[str, Any]) -> bool:
+    """Whether a plans ``architecture`` entry builds a medslim ``CompressedUNet``."""
+    return architecture.get("network_class_name") == COMPRESSED_CLASS
+
+
 def compressed_arch(base_architecture: Mapping[str, Any], spec: CompressionSpec) -> dict[str, Any]:
     """The plans ``architecture`` entry that makes nnU-Net build ``CompressedUNet``."""
     base = copy.deepcopy(dict(base_architecture))
-    if base["network_class_name"] == COMPRESSED_CLASS:
+    if is_compressed(base):
         raise MedslimError("this model is already compressed by medslim; compress the original model instead")
     return {
         "network_class_name": COMPRESSED_CLASS,

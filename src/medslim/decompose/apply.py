@@ -9,7 +9,6 @@ parent that holds it, so nnU-Net's ``ConvDropoutNormReLU.conv`` alias and its
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -19,7 +18,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from medslim.decompose.tucker import METHODS, TuckerConv
-from medslim.errors import MedslimError
+from medslim.errors import MedslimError, did_you_mean
 from medslim.spec import LayerRanks
 
 GUARDS = ("params", "params+flops", None)
@@ -112,10 +111,10 @@ def decompose_network(net: nn.Module, policy: Callable[..., LayerRanks], *, meth
         MedslimError: unknown ``method``/``guard``, ``rank_min < 1``, or see ``eligible_convs``.
     """
     if method not in METHODS:
-        raise MedslimError(f"unknown decomposition method '{method}'{_did_you_mean(method, METHODS)}; "
+        raise MedslimError(f"unknown decomposition method '{method}'{did_you_mean(method, [m for m in METHODS if m])}; "
                            f"choose one of {', '.join(METHODS)}")
     if guard not in GUARDS:
-        raise MedslimError(f"unknown rank guard {guard!r}{_did_you_mean(str(guard), GUARDS[:2])}; "
+        raise MedslimError(f"unknown rank guard {guard!r}{did_you_mean(str(guard), [g for g in GUARDS[:2] if g])}; "
                            f"choose 'params', 'params+flops' or None")
     if isinstance(rank_min, bool) or not isinstance(rank_min, int) or rank_min < 1:
         raise MedslimError(f"rank_min must be a positive integer, got {rank_min!r}")
@@ -159,7 +158,7 @@ def apply_ranks(net: nn.Module, ranks: Mapping[str, LayerRanks]) -> nn.Module:
         conv = modules.get(name)
         if conv is None:
             raise MedslimError(f"the compression spec names layer `{name}`, which the network does not have"
-                               f"{_did_you_mean(name, list(modules))}; was the spec made for another architecture?")
+                               f"{did_you_mean(name, list(modules))}; was the spec made for another architecture?")
         if not isinstance(conv, _ConvNd):
             raise MedslimError(f"the compression spec decomposes `{name}`, which is a {type(conv).__name__}, "
                                f"not a convolution; was the spec made for another architecture?")
@@ -279,8 +278,3 @@ def _replace(parents: dict[int, list[tuple[nn.Module, str]]], old: nn.Module, ne
     # _modules[key] = ... works for attributes and Sequential/ModuleList entries alike
     for parent, key in parents.get(id(old), []):
         parent._modules[key] = new
-
-
-def _did_you_mean(name: str, options: Any) -> str:
-    close = difflib.get_close_matches(name, [o for o in options if o is not None], n=1)
-    return f" (did you mean `{close[0]}`?)" if close else ""

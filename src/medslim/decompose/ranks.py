@@ -13,7 +13,6 @@ ranks in ``[1, C]``; ``decompose_network`` then applies ``rank_min``. ``vbmf`` a
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 from collections.abc import Collection
@@ -24,7 +23,7 @@ import torch
 from torch import Tensor
 
 from medslim.decompose.tucker import mode_axis, mode_spectrum
-from medslim.errors import MedslimError
+from medslim.errors import MedslimError, did_you_mean
 from medslim.spec import LayerRanks
 
 MODES = ("in", "out")
@@ -47,9 +46,8 @@ def get_rank_policy(name: str, **params: Any) -> RankPolicy:
     """
     cls = RANK_POLICIES.get(name)
     if cls is None:
-        close = difflib.get_close_matches(str(name), RANK_POLICIES, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise MedslimError(f"unknown rank policy '{name}'; {hint}available: {', '.join(sorted(RANK_POLICIES))}")
+        raise MedslimError(f"unknown rank policy '{name}' (available: {', '.join(sorted(RANK_POLICIES))})"
+                           f"{did_you_mean(str(name), list(RANK_POLICIES))}")
     sig = inspect.signature(cls)
     try:
         sig.bind(**params)

@@ -7,7 +7,6 @@ TotalSegmentator: ``REF/<image_id>/segmentations/<structure>.nii.gz`` and ``REF/
 """
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from medslim.errors import MedslimError
+from medslim.errors import MedslimError, did_you_mean
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -47,11 +46,6 @@ class Dataset:
     layout: str
     cases: tuple[Case, ...]
     classes: dict[int, str] | None
-
-
-def did_you_mean(word: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def case_name(path: Path) -> str:

@@ -3,16 +3,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from medslim.errors import MedslimError
+from medslim.atomic import atomic_folder, check_output_folder
 
 METRICS = ("dice", "nsd")
 
@@ -76,33 +73,19 @@ def markdown_table(summary: dict[str, Any], max_rows: int | None = None) -> str:
 def check_output(out: str | Path, overwrite: bool) -> Path:
     """Refuse an existing non-empty output folder unless ``overwrite`` (checked before any work)."""
     out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise MedslimError(f"{out} exists and is not empty; choose another -o or pass --overwrite")
+    check_output_folder(out, overwrite)
     return out
 
 
 def write_outputs(out: str | Path, per_case: pd.DataFrame, summary: dict[str, Any], extra: dict[str, Any],
                   overwrite: bool = False) -> Path:
-    """Write ``per_case.csv``, ``summary.json`` and ``summary.md`` into a temp folder next to
-    ``out``, then rename it to ``out``: the folder appears complete or not at all."""
-    out = check_output(out, overwrite).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    """Write ``per_case.csv``, ``summary.json`` and ``summary.md`` to ``out`` (atomically)."""
+    with atomic_folder(out, overwrite) as tmp:
         per_case.to_csv(tmp / "per_case.csv", index=False, float_format="%.10g")
         body = {**extra, **summary}
         (tmp / "summary.json").write_text(json.dumps(body, indent=2, default=_json_default) + "\n")
         (tmp / "summary.md").write_text(markdown_table(summary))
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out).expanduser().resolve()
 
 
 def _json_default(x: Any) -> Any:

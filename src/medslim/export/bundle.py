@@ -16,8 +16,6 @@ Written to a temporary sibling and renamed into place when complete.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -25,9 +23,11 @@ from typing import Any
 
 import torch
 
+from medslim.atomic import atomic_folder
 from medslim.errors import MedslimError
 from medslim.export.bundle_config import DIFFERENCES, inference_config
 from medslim.export.bundle_schema import SCHEMA_JSON, SCHEMA_NAME, SCHEMA_URL
+from medslim.network import is_compressed
 from medslim.load.nnunet import NnUNetModel, load_results_folder
 
 PACKAGES = ("medslim", "dynamic-network-architectures", "torch-pruning", "nibabel")
@@ -55,7 +55,7 @@ def metadata(model: NnUNetModel) -> dict[str, Any]:
     import numpy
 
     arch = model.architecture
-    compression = arch["arch_kwargs"].get("compression") if arch["network_class_name"].startswith("medslim.") else None
+    compression = arch["arch_kwargs"].get("compression") if is_compressed(arch) else None
     channels = model.dataset_json.get("channel_names", model.dataset_json.get("modality", {"0": "image"}))
     labels = {str(v): k for k, v in model.dataset_json["labels"].items()
               if isinstance(v, int) and 0 <= v < model.num_classes}  # drops nnU-Net's ignore label
@@ -178,9 +178,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, fold: int | str = 0,
     config = inference_config(model)
     meta = metadata(model)
     net = _checked_network(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         for sub in ("configs", "models", "docs"):
             (tmp / sub).mkdir()
         (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
@@ -190,10 +188,6 @@ def export_bundle(model_dir: str | Path, out: str | Path, fold: int | str = 0,
         (tmp / "docs" / "README.md").write_text(_readme(model, meta, config))
         (tmp / "docs" / SCHEMA_NAME).write_text(SCHEMA_JSON)
         (tmp / "LICENSE").write_text(_license_text(model))
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from medslim.atomic import atomic_folder, check_output_folder
 from medslim.errors import MedslimError
 from medslim.load.nnunet import NnUNetModel
 from medslim.network import compressed_arch
@@ -34,14 +34,6 @@ from medslim.spec import CompressionSpec
 STOCK_TRAINER = "nnUNetTrainer"
 
 
-def check_output_folder(out: Path, overwrite: bool) -> None:
-    """Fail early (before any work) if ``out`` exists, is not empty and ``overwrite`` is off."""
-    if out.exists() and not out.is_dir():
-        raise MedslimError(f"output {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MedslimError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
-
-
 def write_results_folder(model: NnUNetModel, network_state: dict[str, torch.Tensor], spec: CompressionSpec,
                          report: dict[str, Any], out: str | Path, overwrite: bool = False) -> Path:
     """Write the compressed model as an nnU-Net results folder at ``out`` (atomically)."""
@@ -49,9 +41,7 @@ def write_results_folder(model: NnUNetModel, network_state: dict[str, torch.Tens
     check_output_folder(out, overwrite)
     if out == model.folder.resolve() or model.folder.resolve() in out.parents:
         raise MedslimError(f"output {out} is inside the input model folder; choose another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out, overwrite) as tmp:
         plans = copy.deepcopy(model.plans)
         cfg = plans["configurations"][model.configuration_name]
         cfg["architecture"] = compressed_arch(model.architecture, spec)
@@ -67,10 +57,4 @@ def write_results_folder(model: NnUNetModel, network_state: dict[str, torch.Tens
         torch.save(ckpt, tmp / f"fold_{model.fold}" / "checkpoint_final.pth")
         spec.save(tmp / "compression_spec.json")
         (tmp / "compression_report.json").write_text(json.dumps(report, indent=1, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from medslim.compress import CompressConfig
+from medslim.compress import CompressConfig, CompressionSettings
 from medslim.errors import MedslimError
+from medslim.network import is_compressed
 
 # Thesis: Adam, lr 1e-4, 200 updates (4 epochs x 50). Weber et al. 2025: AdamW, lr 1e-5,
 # 50 epochs (nnU-Net epochs of 250 iterations), rank_min 8.
@@ -27,12 +28,13 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "poly")
 ENV_OVERRIDES = {"MEDSLIM_EPOCHS": "epochs", "MEDSLIM_ITERS": "iterations", "MEDSLIM_SEED": "seed"}
 
-_COMPRESS_KEYS = tuple(f.name for f in fields(CompressConfig) if f.name != "seed")
+_COMPRESS_KEYS = tuple(f.name for f in fields(CompressionSettings))
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
-    """One fine-tune run: whether/how to compress, and the schedule.
+class FinetuneConfig(CompressionSettings):
+    """One fine-tune run: whether/how to compress (the ``CompressionSettings`` fields, flat as
+    in the JSON config), and the schedule.
 
     ``epochs`` x ``iterations`` optimizer updates; ``val_iterations`` batches of nnU-Net's
     pseudo-Dice per epoch. ``dataset_name``/``plans_name``/``configuration``, when given, must
@@ -52,17 +54,6 @@ class FinetuneConfig:
     dataset_name: str | None = None
     plans_name: str | None = None
     configuration: str | None = None
-    df: float = 0.3
-    rank_policy: str = "df"
-    energy: float = 0.9
-    rank_min: int = 1
-    method: str = "hosvd"
-    guard: str | None = "params"
-    prune_ratio: float = 0.5
-    criterion: str = "hvs"
-    engine: str = "channel"
-    prune_site: str = "outer"
-    prune_stem: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -100,7 +91,7 @@ class FinetuneConfig:
             if wanted is not None and wanted != actual:
                 raise MedslimError(f"the medslim config expects {key} '{wanted}' but nnU-Net was started with '{actual}'")
         arch = plans["configurations"][configuration].get("architecture", {})
-        if self.compress and arch.get("network_class_name", "").startswith("medslim."):
+        if self.compress and is_compressed(arch):
             raise MedslimError(f"plans '{plans.get('plans_name')}' already describe a medslim-compressed network; "
                                "fine-tune from the original plans and checkpoint")
 

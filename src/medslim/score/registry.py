@@ -7,14 +7,13 @@ Criteria never modify the model.
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from medslim.errors import MedslimError
+from medslim.errors import MedslimError, did_you_mean
 
 Criterion = Callable[[nn.Module, Sequence[str], "ScoreContext"], dict[str, Tensor]]
 
@@ -22,12 +21,6 @@ ENGINES = ("channel", "spatial")
 REDUCTIONS = ("rms", "mean", "sum")
 
 CRITERIA: dict[str, Criterion] = {}
-
-
-def did_you_mean(name: str, choices: Sequence[str]) -> str:
-    """``"; did you mean 'x'?"`` for the closest choice, or ``""``."""
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 @dataclass(frozen=True)
