@@ -135,8 +135,7 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
         return make_optimizer(self.network.parameters(), self.medslim_config)
 
     def _medslim_compress(self) -> None:
-        """Compress the pretrained network, switch plans, build the optimizer, save the
-        compressed-but-not-fine-tuned checkpoint."""
+        """Compress the pretrained network, switch plans, build the optimizer."""
         cfg = self.medslim_config
         input_shape = [1, self.num_input_channels, *self.configuration_manager.patch_size]
         net, report = compress_live(self._bare_network().cpu(), cfg, input_shape)
@@ -153,15 +152,19 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
         self._medslim_report = report
         self.print_to_log_file(f"medslim: compressed {report['parameters_before']} → "
                                f"{report['parameters_after']} parameters ({cfg.compression().to_dict()})")
-        os.makedirs(self.output_folder, exist_ok=True)
-        self.save_checkpoint(join(self.output_folder, "checkpoint_compressed.pth"))
 
     def on_train_start(self):
         if not self.was_initialized:
             self.initialize()
-        if self._medslim_pending:
+        compressing = self._medslim_pending
+        if compressing:
             self._medslim_compress()
         super().on_train_start()  # writes plans.json from self.plans_manager (compressed)
+        if compressing:
+            # saved only now: nnU-Net sets inference_allowed_mirroring_axes while building the
+            # dataloaders, and a checkpoint saved earlier predicts without test-time mirroring
+            os.makedirs(self.output_folder, exist_ok=True)
+            self.save_checkpoint(join(self.output_folder, "checkpoint_compressed.pth"))
         path = join(self.output_folder_base, "medslim_config.json")
         record = {"trainer": type(self).__name__, "pretrained_weights": self._medslim_pretrained,
                   "continued": self._medslim_resume, "config": self.medslim_config.to_dict(),

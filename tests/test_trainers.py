@@ -90,10 +90,12 @@ def test_results_folder_names_compressed_network_and_config(trained):
     assert record["config"]["optimizer"] == "adam" and record["config"]["updates"] == 12
     report = record["compression_report"]
     assert report["parameters_after"] < 0.5 * report["parameters_before"]
-    for name in ("checkpoint_compressed.pth", "checkpoint_final.pth"):
-        assert (trained / "fold_0" / name).is_file()
     ckpt = torch.load(trained / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["current_epoch"] == 2 and ckpt["trainer_name"] == TRAINER
+    before = torch.load(trained / "fold_0" / "checkpoint_compressed.pth", map_location="cpu", weights_only=False)
+    # the not-yet-fine-tuned checkpoint predicts like the final one (test-time mirroring included)
+    assert before["inference_allowed_mirroring_axes"] == ckpt["inference_allowed_mirroring_axes"] == (0, 1, 2)
+    assert before["network_weights"].keys() == ckpt["network_weights"].keys()
     # deep supervision heads were trained with the pruned channels: their inputs match the decoder
     heads = {k: v.shape for k, v in ckpt["network_weights"].items() if ".seg_layers." in k and k.endswith("weight")}
     assert len(heads) == 3 and all(s[0] == 3 for s in heads.values())
