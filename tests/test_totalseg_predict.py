@@ -59,6 +59,8 @@ def test_per_structure_files_named_by_class_map_match_the_multilabel_map(ml_map,
                                       "--roi-subset", ",".join(ROIS), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{r}.nii.gz" for r in ROIS)
+    (tmp_path / "made_by_mkdir").mkdir()  # written atomically, yet with the usual (umask) mode
+    assert out.stat().st_mode & 0o777 == (tmp_path / "made_by_mkdir").stat().st_mode & 0o777
     names = {v: k for k, v in json.loads(TS_PLANS.read_text())["labels"].items()}
     ml = np.asarray(ml_map.dataobj)
     for roi in ROIS:

@@ -38,6 +38,7 @@ def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     check_output_folder(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; outputs get the usual mode
     try:
         yield tmp
         if out.exists():
@@ -57,9 +58,16 @@ def atomic_file(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix="".join(out.suffixes), dir=out.parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -4,33 +4,20 @@ User errors (``MedslimError``) print one line on stderr and exit with code 2.
 """
 from __future__ import annotations
 
-import functools
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
 
+from medslim.cli_common import console, out_console, user_errors
+from medslim.cli_prune2d import prune2d
+from medslim.cli_transfer import transfer_app
 from medslim.errors import MedslimError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress pretrained nnU-Net / TotalSegmentator models: Tucker-2 + HVS channel pruning.")
-console = Console(stderr=True)
-out_console = Console()
-
-
-def user_errors(fn: Callable) -> Callable:
-    """Turn ``MedslimError`` into one stderr line and exit code 2 (no traceback)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MedslimError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
-    return wrapper
 
 
 @app.command()
@@ -180,8 +167,8 @@ def nnunet_path() -> None:
     print(Path(nnunet_plugin.__file__).resolve().parent)
 
 
-
-
+app.command("prune2d")(prune2d)
+app.add_typer(transfer_app, name="transfer", help="Layer selection for transfer learning (thesis ch. 3): select | run.")
 
 
 def print_report(report: dict) -> None:

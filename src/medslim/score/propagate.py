@@ -35,12 +35,15 @@ class Propagation:
             ``reduce="sum"`` and rule ``hvs`` the total score at any full cut of the network.
         input_mass: total score at the network input (a full cut); equals ``seeded`` for rule
             ``hvs`` unless output units have all-zero weights.
+        input_scores: the unreduced score of the network input ``[B, C, *spatial]`` (per pixel
+            with the ``spatial`` engine; ``[1, C, 1, …]`` with the ``channel`` engine).
     """
 
     outputs: dict[str, Tensor]
     inputs: dict[str, Tensor]
     seeded: float
     input_mass: float
+    input_scores: Tensor | None = None
 
 
 def find_head(model: nn.Module) -> str:
@@ -166,7 +169,7 @@ def propagate(model: nn.Module, ctx: ScoreContext, outputs_of: Sequence[str] = (
                                    f"(not run in the forward pass, or not upstream of the head)")
             result[kind][name] = acc.reduce(ctx.reduce)
     p = Propagation(result["output"], {n: result["input"][n] for n in inputs_of}, float(seed.sum(dtype=torch.float64)),
-                    float(ins[""].total.sum()))
+                    float(ins[""].total.sum()), x.grad.detach() if x.grad is not None else None)
     if rule == "hvs" and p.input_mass > p.seeded * (1 + 1e-3):
         # mass can only grow at a fan-in that is not a linear module: an unknown residual block
         log.warning("HVS score mass grew from %.6g seeded to %.6g at the network input: the %s has "

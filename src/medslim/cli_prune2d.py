@@ -1,0 +1,54 @@
+"""``medslim prune2d``: a thin shell over :func:`medslim.classify.prune2d.run_prune2d`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medslim.cli_common import console, out_console, user_errors
+
+
+def print_results(result: dict, out: Console) -> None:
+    """The results as a rich table on ``out``."""
+    table = Table(title=f"prune2d: {result['criterion']}, {result['scope']} scope")
+    for col in ("ratio", "params", "FLOPs", "acc pruned", "acc fine-tuned", "Δ vs unpruned", "Δ vs control"):
+        table.add_column(col, justify="right")
+    o = result["original"]
+    table.add_row("0 (unpruned)", f"{o['params']:,}", f"{o['flops'] / 1e6:.1f} M", f"{o['accuracy']:.3f}",
+                  f"{result['control']['accuracy']:.3f} (control)" if result["control"] else "-", "", "")
+    pp = lambda v: "-" if v is None else f"{100 * v:+.1f} pp"  # noqa: E731
+    for run in result["runs"]:
+        table.add_row(f"{run['ratio']:.2f}", f"{run['params'][1]:,} (−{100 * run['param_reduction']:.1f} %)",
+                      f"{run['flops'][1] / 1e6:.1f} M (−{100 * run['flop_reduction']:.1f} %)",
+                      f"{run['accuracy_pruned']:.3f}",
+                      "-" if run["accuracy_finetuned"] is None else f"{run['accuracy_finetuned']:.3f}",
+                      pp(run["delta_vs_original"]), pp(run["delta_vs_control"]))
+    out.print(table)
+
+
+@user_errors
+def prune2d(
+    model: str = typer.Argument(..., help="classifier checkpoint (medslim save_classifier .pt) or a torchvision name (random init)"),
+    data: Path = typer.Option(..., "--data", help="MedMNIST .npz file (test split evaluated, train split fine-tunes)"),
+    output: Path = typer.Option(..., "-o", "--output", help="new output folder"),
+    ratio: list[float] = typer.Option([0.3], "--ratio", help="fraction of channels removed, in [0, 1); repeat for several"),
+    criterion: str = typer.Option("hvs", "--criterion", help="hvs | nisp | l1 | l2 | consumer_l1 | random"),
+    scope: str = typer.Option("layer", "--scope", help="layer (ρ per layer) | global (ρ of all candidate channels)"),
+    finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="AdamW lr 1e-4 batch 32 epochs after pruning"),
+    seed: int = typer.Option(0, "--seed", help="seed of the random criterion and the fine-tune"),
+    size: int = typer.Option(28, "--size", help="input side length (vgg16 needs ≥ 32)"),
+    prune_linear: bool = typer.Option(False, "--prune-linear", help="also prune hidden Linear layers (VGG classifier)"),
+    control: bool = typer.Option(True, "--control/--no-control", help="also fine-tune the unpruned model (the control)"),
+    max_train: Optional[int] = typer.Option(None, "--max-train", help="fine-tune on a seeded subset of this many images"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
+) -> None:
+    """Prune a 2D classifier with HVS (or a baseline), fine-tune, and report accuracy, params and FLOPs."""
+    from medslim.classify.prune2d import run_prune2d
+
+    result = run_prune2d(model, data, output, ratio, criterion, scope, finetune_epochs, seed, size,
+                         prune_linear, control, max_train, overwrite, console=console)
+    print_results(result, out_console)
+    out_console.print(f"wrote {output}")
