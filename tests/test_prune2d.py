@@ -63,6 +63,22 @@ def test_resnet18_pruned_runs_and_report_matches_model(scope):
     assert all(row.kept >= 1 for row in rep.layers)
 
 
+@pytest.mark.parametrize("source", ["resnet50", "timm:resnet18"])
+def test_bottleneck_and_timm_resnets_prune_and_run(source):
+    """torchvision Bottleneck blocks (3 convs + projection) and timm's ResNet graph."""
+    from medslim.classify import build_classifier
+
+    torch.manual_seed(0)
+    net = build_classifier(source, 3).eval()
+    pruned, rep = prune_classifier(net, 0.5, "hvs", (1, 3, 28, 28))
+    x = torch.randn(2, 3, 28, 28)
+    assert pruned(x).shape == net(x).shape == (2, 3)
+    assert rep.params[1] < 0.6 * rep.params[0]
+    before, after = widths(net), widths(pruned)
+    inner = [r.layer for r in rep.layers if r.candidate and r.layer.endswith("conv1")]  # first conv of each block
+    assert inner and all(after[n] == math.ceil(0.5 * before[n]) for n in inner)
+
+
 def test_vgg16_prunes_convs_and_hidden_linear():
     from torchvision.models import vgg16
 
