@@ -34,7 +34,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from medslim.errors import MedslimError
 from medslim.finetune.config import resolve_config
-from medslim.network import COMPRESSED_CLASS
+from medslim.network import COMPRESSED_CLASS, is_compressed
 from medslim.finetune.nnunet import (
     build_compressed,
     check_rebuild,
@@ -112,7 +112,7 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
                 if not isfile(saved):
                     raise MedslimError(f"cannot continue: {saved} (plans of the compressed network) is missing")
                 plans = json.loads(Path(saved).read_text())
-                if plans["configurations"][self.configuration_name]["architecture"]["network_class_name"] != COMPRESSED_CLASS:
+                if not is_compressed(plans["configurations"][self.configuration_name]["architecture"]):
                     raise MedslimError(f"cannot continue: {saved} does not describe a medslim-compressed network")
                 self.plans_manager = PlansManager(plans)
                 self.configuration_manager = self.plans_manager.get_configuration(self.configuration_name)

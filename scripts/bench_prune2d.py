@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medslim.classify import (TrainConfig, build_classifier, evaluate, fit, load_checkpoint, load_medmnist,
+from medslim.classify import (TrainConfig, build_classifier, evaluate, fit, load_medmnist,
                               save_classifier)
 from medslim.classify.prune2d import finetune_config
 from medslim.prune.classifier import prune_classifier
@@ -322,7 +322,7 @@ def main() -> None:
         res["seconds"] = time.perf_counter() - t
         _save(res, args.out / "prune2d.json")
     summary = summarise(res)
-    bases = {n: build_classifier(b["checkpoint"], load_checkpoint(b["checkpoint"])["num_classes"]).eval()
+    bases = {n: build_classifier(b["checkpoint"]).eval()
              for n, b in res["bases"].items() if Path(b["checkpoint"]).is_file()}
     plots(res, summary, args.out, bases)
     text = markdown(res, summary)

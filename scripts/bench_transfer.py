@@ -62,12 +62,10 @@ def run_target(target: str, seeds: list[int], budget: dict, source_path: Path) -
     import torch
 
     from medslim.classify import TrainConfig, build_classifier, load_medmnist
-    from medslim.classify.models import load_checkpoint
     from medslim.transfer.pipeline import TransferConfig, initial_finetune, run_transfer
 
     torch.set_num_threads(1)
-    ckpt = load_checkpoint(source_path)
-    source = build_classifier(str(source_path), ckpt["num_classes"], ckpt["in_channels"]).eval()
+    source = build_classifier(str(source_path)).eval()
     train = load_medmnist(MED / f"{target}.npz", "train")
     test = load_medmnist(MED / f"{target}.npz", "test")
     CACHE.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,6 @@ class _Bars:
 
 
 def _progress() -> Progress:
-    
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, transient=True)
 
@@ -103,7 +102,6 @@ def select(
     overwrite: bool = _O["overwrite"],
 ) -> None:
     """Fine-tune briefly, rank layers by divergence from the source and select the top ones."""
-    
     from medslim.transfer.command import DataSpec, select_command
 
     config = _config(measure, k, rule, percentile, scope, direction, initial_epochs, None, 1, lr, "", optimizer,
@@ -140,7 +138,6 @@ def run(
     overwrite: bool = _O["overwrite"],
 ) -> None:
     """Algorithm 1 and/or baselines: fine-tune from the source on the target, report test accuracy."""
-    
     from medslim.transfer.command import DataSpec, run_command
 
     names = [m.strip() for m in method.split(",") if m.strip()]

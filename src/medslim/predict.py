@@ -19,6 +19,14 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def check_image_folder(images: str | Path) -> Path:
+    """``images`` if it holds nnU-Net inputs (``<case>_0000.nii.gz``), else ``MedslimError``."""
+    images = Path(images).expanduser()
+    if not images.is_dir() or not any(images.glob("*_0000.nii.gz")):
+        raise MedslimError(f"no nnU-Net images (<case>_0000.nii.gz) in {images}")
+    return images
+
+
 def predict_folder(model_dir: str | Path, images: str | Path, output: str | Path, fold: str = "0",
                    device: torch.device | None = None, mirroring: bool = True,
                    checkpoint_name: str = "checkpoint_final.pth") -> Path:
@@ -28,9 +36,7 @@ def predict_folder(model_dir: str | Path, images: str | Path, output: str | Path
     small CPU runs fast and tests deterministic."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    images = Path(images)
-    if not images.is_dir() or not any(images.glob("*_0000.nii.gz")):
-        raise MedslimError(f"no nnU-Net images (<case>_0000.nii.gz) in {images}")
+    images = check_image_folder(images)
     device = device or default_device()
     Path(output).mkdir(parents=True, exist_ok=True)
     # nnU-Net prints device notes and per-case chatter on stdout; keep medslim's output readable

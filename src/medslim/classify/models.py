@@ -10,15 +10,14 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from medslim.errors import MedslimError
-from medslim.errors import did_you_mean
+from medslim.atomic import atomic_file
+from medslim.errors import MedslimError, did_you_mean
 
 CHECKPOINT_FORMAT = "medslim-classifier/1"
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "vgg11", "vgg16", "vgg16_bn")
@@ -127,22 +126,31 @@ def is_checkpoint_path(source: str) -> bool:
     return source.endswith((".pt", ".pth")) or os.sep in source or Path(source).expanduser().is_file()
 
 
-def build_classifier(source: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+def build_classifier(source: str | dict[str, Any], num_classes: int | None = None,
+                     in_channels: int | None = None) -> nn.Module:
     """Build a classifier whose final layer has ``num_classes`` outputs and whose stem takes
-    ``in_channels`` channels. A checkpoint keeps its trained head when ``num_classes`` matches,
-    else the head is replaced by a fresh one.
+    ``in_channels`` channels. ``source`` may also be a checkpoint already read with
+    :func:`load_checkpoint` (so it is read once). For a checkpoint, ``None`` means its own
+    classes / channels, and it keeps its trained head when ``num_classes`` matches (else the
+    head is replaced by a fresh one); for an architecture name ``num_classes`` is required and
+    ``in_channels`` defaults to 3.
 
     Raises:
         MedslimError: unknown source, uncached ImageNet weights, unreadable checkpoint.
     """
-    if is_checkpoint_path(source):
-        ckpt = load_checkpoint(source)
+    if isinstance(source, dict) or is_checkpoint_path(source):
+        ckpt = source if isinstance(source, dict) else load_checkpoint(source)
         model = _build_arch(ckpt["arch"], ckpt["num_classes"], ckpt["in_channels"], pretrained=False)
         model.load_state_dict(ckpt["state_dict"])
-        if in_channels != ckpt["in_channels"]:
-            raise MedslimError(f"{source} takes {ckpt['in_channels']} input channels, not {in_channels}")
-        return replace_head(model, num_classes) if num_classes != ckpt["num_classes"] else model
-    return _build_arch(source, num_classes, in_channels, pretrained=True)
+        if in_channels is not None and in_channels != ckpt["in_channels"]:
+            name = source if isinstance(source, str) else ckpt["arch"]
+            raise MedslimError(f"{name} takes {ckpt['in_channels']} input channels, not {in_channels}")
+        if num_classes is None or num_classes == ckpt["num_classes"]:
+            return model
+        return replace_head(model, num_classes)
+    if num_classes is None:
+        raise MedslimError(f"the number of classes is needed to build '{source}'")
+    return _build_arch(source, num_classes, 3 if in_channels is None else in_channels, pretrained=True)
 
 
 def save_classifier(model: nn.Module, path: str | Path, source: str, num_classes: int,
@@ -155,14 +163,6 @@ def save_classifier(model: nn.Module, path: str | Path, source: str, num_classes
             "in_channels": _first_conv(model)[1].in_channels,
             "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             "meta": dict(meta or {})}
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, overwrite=True) as tmp:
         torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path).expanduser()

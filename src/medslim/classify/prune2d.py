@@ -67,19 +67,20 @@ def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], 
         raise MedslimError(f"--finetune-epochs must be ≥ 0, got {finetune_epochs}")
     output = Path(output).expanduser()
     check_output_folder(output, overwrite)
-    in_channels = load_checkpoint(source)["in_channels"] if is_checkpoint_path(source) else 3
-    arch = load_checkpoint(source)["arch"] if is_checkpoint_path(source) else source
+    ckpt = load_checkpoint(source) if is_checkpoint_path(source) else None  # read once
+    in_channels = ckpt["in_channels"] if ckpt else 3
+    arch = ckpt["arch"] if ckpt else source
     test = load_medmnist(data, "test", size=size, channels=in_channels)
     train = load_medmnist(data, "train", size=size, channels=in_channels) if finetune_epochs else None
     if train is not None and max_train is not None and max_train < len(train):
         train = train.subset(max_train, seed=seed)
-    model = build_classifier(source, test.num_classes, in_channels).eval()
+    model = build_classifier(ckpt or source, test.num_classes, in_channels).eval()
     if not classifier_layers(model, include_linear=include_linear):
         raise MedslimError(f"{source} has no prunable layer (the stem convolution and the head are never pruned)")
     input_shape = (1, in_channels, size, size)
     _check_runs(model, input_shape, source)
-    if is_checkpoint_path(source) and load_checkpoint(source)["num_classes"] != test.num_classes and console:
-        console.print(f"warning: {source} has {load_checkpoint(source)['num_classes']} outputs, {data} "
+    if ckpt and ckpt["num_classes"] != test.num_classes and console:
+        console.print(f"warning: {source} has {ckpt['num_classes']} outputs, {data} "
                       f"{test.num_classes} classes; the head is new (untrained)", highlight=False)
     cfg = finetune_config(finetune_epochs, seed)
 

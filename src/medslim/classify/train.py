@@ -18,8 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from medslim.classify.models import head_name
-from medslim.errors import MedslimError
-from medslim.errors import did_you_mean
+from medslim.errors import MedslimError, did_you_mean
 
 Progress = Callable[[int, int, int, float], None]  # (epoch, batch, batches per epoch, loss)
 OPTIMIZERS = ("sgd", "adamw")

@@ -34,9 +34,9 @@ def _one_of(a: Any, b: Any, names: str) -> None:
 def _check_images(images: Path | None, cases: Sequence[str] | None) -> Path:
     if images is None:
         raise MedslimError("--model/--ref-model need --images (nnU-Net <case>_0000.nii.gz files)")
-    images = Path(images).expanduser()
-    if not images.is_dir() or not any(images.glob("*_0000.nii.gz")):
-        raise MedslimError(f"no nnU-Net images (<case>_0000.nii.gz) in {images}")
+    from medslim.predict import check_image_folder
+
+    images = check_image_folder(images)
     if cases:
         missing = [c for c in cases if not (images / f"{c}_0000.nii.gz").exists()]
         if missing:

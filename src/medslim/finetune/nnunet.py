@@ -1,6 +1,6 @@
 """What medslim's nnU-Net trainers call (``nnunet_plugin/medslim_trainers.py``): pretrained
 weights, compression of the live network, plans for the compressed network, optimizer and
-learning-rate schedule. Torch and plain plans dicts only; no nnU-Net training code."""
+learning-rate schedule. Torch and plain plans dicts; of nnU-Net only its poly lr scheduler."""
 from __future__ import annotations
 
 import copy
@@ -16,7 +16,6 @@ from medslim.errors import MedslimError
 from medslim.finetune.config import FinetuneConfig
 from medslim.network import CompressedUNet, compressed_arch
 from medslim.spec import CompressionSpec
-
 
 
 def pretrained_weights_arg(argv: Sequence[str], environ: Mapping[str, str]) -> str | None:
@@ -105,7 +104,8 @@ def check_rebuild(net: nn.Module, plans: Mapping[str, Any], configuration: str, 
 
 
 class ConstantLR:
-    """Keeps the learning rate; ``step(epoch)`` as nnU-Net calls it."""
+    """Keeps the learning rate; ``step(epoch)`` as nnU-Net calls it (nnU-Net has no constant
+    scheduler, and torch's ``ConstantLR`` does not take the epoch nnU-Net passes)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
         self.optimizer, self.lr = optimizer, lr
@@ -118,26 +118,16 @@ class ConstantLR:
         return {"lr": self.lr}
 
 
-class PolyLR(ConstantLR):
-    """``lr·(1 − epoch/epochs)^0.9``, nnU-Net's poly schedule."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, epochs: int) -> None:
-        super().__init__(optimizer, lr)
-        self.epochs = epochs
-
-    def step(self, current_step: int | None = None) -> None:
-        epoch = current_step or 0
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr * (1 - epoch / self.epochs) ** 0.9
-
-
-def make_optimizer(params, config: FinetuneConfig) -> tuple[torch.optim.Optimizer, ConstantLR]:
-    """Optimizer + per-epoch lr schedule of ``config``."""
+def make_optimizer(params, config: FinetuneConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """Optimizer + per-epoch lr schedule of ``config`` (``poly`` is nnU-Net's own scheduler)."""
     if config.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     elif config.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay, momentum=0.99, nesterov=True)
-    sched = PolyLR(opt, config.lr, config.epochs) if config.lr_schedule == "poly" else ConstantLR(opt, config.lr)
-    return opt, sched
+    if config.lr_schedule == "poly":
+        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+        return opt, PolyLRScheduler(opt, config.lr, config.epochs)
+    return opt, ConstantLR(opt, config.lr)

@@ -38,7 +38,7 @@ def load_source(source: str, target_classes: int) -> tuple[nn.Module, str, int]:
     (no checkpoint) gives a randomly initialised source sized for the target."""
     if is_checkpoint_path(source):
         ckpt = load_checkpoint(source)
-        return build_classifier(source, ckpt["num_classes"], ckpt["in_channels"]), ckpt["arch"], ckpt["in_channels"]
+        return build_classifier(ckpt), ckpt["arch"], ckpt["in_channels"]
     return build_classifier(source, target_classes, 3), source, 3
 
 

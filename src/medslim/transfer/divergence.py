@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from medslim.classify.models import head_name
-from medslim.errors import MedslimError
-from medslim.errors import did_you_mean
+from medslim.errors import MedslimError, did_you_mean
 
 MeasureFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # ([F, D], [F, D]) -> [F]
 DIRECTIONS = ("t||s", "s||t")

@@ -10,8 +10,8 @@ their own layer set: ``feature`` (head only), ``full`` (everything), ``last-k``,
 from __future__ import annotations
 
 import copy
-from collections import Counter
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
@@ -22,12 +22,12 @@ from torch.utils.data import Dataset
 
 from medslim.classify.models import head_name, replace_head
 from medslim.classify.train import TrainConfig, count_trainable, evaluate, fit
-from medslim.errors import MedslimError
-from medslim.errors import did_you_mean
+from medslim.errors import MedslimError, did_you_mean
 from medslim.transfer.divergence import DIRECTIONS, MEASURES, candidate_layers, layer_divergences, stages
 from medslim.transfer.select import RULES, SCOPES, check_k, check_layers, last_k, random_k, select_layers
 
 BASELINES = ("feature", "full", "last-k", "random-k", "l2sp", "layers")
+NO_SELECTION = ("feature", "full", "l2sp")  # head only or every layer: no layers to choose
 PipelineProgress = Callable[[str, int, int, int, float], None]  # (phase, epoch, batch, batches, loss);
 # phase is "initial" (step 1 of Algorithm 1) or the method name (the final fine-tune)
 
@@ -140,7 +140,7 @@ def validate(source: nn.Module, config: TransferConfig) -> None:
         MedslimError: no candidate layers, ``k`` out of range, requested layers missing.
     """
     layers = candidate_layers(source)
-    if config.method in ("feature", "full", "l2sp"):
+    if config.method in NO_SELECTION:
         return
     if not layers:
         raise MedslimError(f"{type(source).__name__} has no conv/linear layers besides its head")
@@ -156,7 +156,7 @@ def choose_layers(source: nn.Module, config: TransferConfig, tuned: nn.Module | 
                   ) -> tuple[list[str], pd.DataFrame | None]:
     """The layer set of ``config.method`` (``tuned`` is required for the divergence methods)."""
     layers = candidate_layers(source)
-    if not layers and config.method not in ("feature", "full", "l2sp"):
+    if not layers and config.method not in NO_SELECTION:
         raise MedslimError(f"{type(source).__name__} has no conv/linear layers besides its head")
     if config.method in MEASURES:
         assert tuned is not None, "divergence methods need the initially fine-tuned model"

@@ -11,8 +11,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from medslim.errors import MedslimError
-from medslim.errors import did_you_mean
+from medslim.errors import MedslimError, did_you_mean
 
 RULES = ("top_k", "percentile")
 SCOPES = ("global", "blockwise")
@@ -58,7 +57,8 @@ def percentile(div: pd.DataFrame | Mapping[str, float], q: float) -> list[str]:
     if np.isnan(values).all():
         raise MedslimError("every layer's divergence is undefined (all-zero weights)")
     threshold = np.nanpercentile(values, q)
-    return [n for n in _ranked(table) if table.set_index("layer").at[n, "divergence"] >= threshold]
+    by_layer = dict(zip(table["layer"], values))
+    return [n for n in _ranked(table) if by_layer[n] >= threshold]
 
 
 def select_layers(div: pd.DataFrame | Mapping[str, float], rule: str = "top_k", k: int = 3, q: float = 90.0,
