@@ -23,8 +23,6 @@ import nibabel as nib
 import numpy as np
 import surface_distance
 
-from medslim.evaluate import evaluate_case, score_label_maps, total_class_map
-
 REPO = Path(__file__).resolve().parents[1]
 TS = REPO.parent / "shared" / "data" / "totalsegmentator"
 REF, PRED = TS / "example_seg.nii.gz", TS / "example_seg_fast.nii.gz"
@@ -78,6 +76,9 @@ def peak_bytes(fn) -> int:
 
 
 def main() -> None:
+    # here, not at the top: bench_startup.py times deepmind_loop in processes without medslim
+    from medslim.evaluate import evaluate_case, score_label_maps, total_class_map
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "evaluate")

@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from medslim.cli_common import console, out_console, user_errors
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def print_results(result: dict, out: Console) -> None:
     """The results as a rich table on ``out``."""
+    from rich.table import Table
+
     table = Table(title=f"prune2d: {result['criterion']}, {result['scope']} scope")
     for col in ("ratio", "params", "FLOPs", "acc pruned", "acc fine-tuned", "Δ vs unpruned", "Δ vs control"):
         table.add_column(col, justify="right")

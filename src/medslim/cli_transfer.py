@@ -5,13 +5,14 @@ Thin shells over :mod:`medslim.transfer.command`; bad input → one stderr line,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from medslim.cli_common import console, out_console, user_errors
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 
 transfer_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -57,6 +58,8 @@ class _Bars:
 
 
 def _progress() -> Progress:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, transient=True)
 
@@ -102,6 +105,8 @@ def select(
     overwrite: bool = _O["overwrite"],
 ) -> None:
     """Fine-tune briefly, rank layers by divergence from the source and select the top ones."""
+    from rich.table import Table
+
     from medslim.transfer.command import DataSpec, select_command
 
     config = _config(measure, k, rule, percentile, scope, direction, initial_epochs, None, 1, lr, "", optimizer,
@@ -138,6 +143,8 @@ def run(
     overwrite: bool = _O["overwrite"],
 ) -> None:
     """Algorithm 1 and/or baselines: fine-tune from the source on the target, report test accuracy."""
+    from rich.table import Table
+
     from medslim.transfer.command import DataSpec, run_command
 
     names = [m.strip() for m in method.split(",") if m.strip()]

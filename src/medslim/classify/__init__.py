@@ -1,10 +1,14 @@
 """2D classifiers on MedMNIST: datasets, model factory and a small training loop.
 
 Used by ``medslim.transfer`` (layer selection for transfer learning) and by 2D pruning.
+Names are imported on first use (torch only then).
 """
-from medslim.classify.data import MedMNIST, load_medmnist
-from medslim.classify.models import build_classifier, head_name, load_checkpoint, replace_head, save_classifier
-from medslim.classify.train import TrainConfig, count_trainable, evaluate, fit, l2sp_penalty
+from medslim._lazy import lazy_exports
 
-__all__ = ["MedMNIST", "load_medmnist", "build_classifier", "head_name", "load_checkpoint", "replace_head",
-           "save_classifier", "TrainConfig", "count_trainable", "evaluate", "fit", "l2sp_penalty"]
+_EXPORTS = {"MedMNIST": "data", "load_medmnist": "data",
+            "build_classifier": "models", "head_name": "models", "load_checkpoint": "models",
+            "replace_head": "models", "save_classifier": "models",
+            "TrainConfig": "train", "count_trainable": "train", "evaluate": "train", "fit": "train",
+            "l2sp_penalty": "train"}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

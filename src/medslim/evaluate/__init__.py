@@ -2,14 +2,17 @@
 
 ``evaluate_case`` / ``evaluate_folder`` return pandas frames (one row per case and class);
 ``evaluate_command`` is the ``medslim evaluate`` command (optionally predicting first).
+Names are imported on first use (pandas only where a frame is built).
 """
-from medslim.evaluate.command import EvaluationResult, evaluate_command
-from medslim.evaluate.folder import evaluate_case, evaluate_folder
-from medslim.evaluate.layouts import dataset_json_class_map, total_class_map
-from medslim.evaluate.metrics import ClassScores, dice_per_class, mean_dice_folder, score_label_maps
-from medslim.evaluate.outputs import markdown_table, summarize
-from medslim.evaluate.surface import normalized_surface_dice
+from medslim._lazy import lazy_exports
 
-__all__ = ["ClassScores", "EvaluationResult", "dataset_json_class_map", "dice_per_class", "evaluate_case",
-           "evaluate_command", "evaluate_folder", "markdown_table", "mean_dice_folder", "normalized_surface_dice",
-           "score_label_maps", "summarize", "total_class_map"]
+_EXPORTS = {
+    "EvaluationResult": "command", "evaluate_command": "command",
+    "evaluate_case": "folder", "evaluate_folder": "folder",
+    "dataset_json_class_map": "layouts", "total_class_map": "layouts",
+    "ClassScores": "metrics", "dice_per_class": "metrics", "mean_dice_folder": "metrics", "score_label_maps": "metrics",
+    "markdown_table": "outputs", "summarize": "outputs",
+    "normalized_surface_dice": "surface",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -5,25 +5,32 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import pandas as pd
 from rich.console import Console
 
 from medslim.errors import MedslimError
 from medslim.evaluate.folder import score_dataset
 from medslim.evaluate.layouts import dataset_json_class_map, find_cases, reference_cases, select_classes
-from medslim.evaluate.outputs import check_output, markdown_table, summarize, write_outputs
+from medslim.evaluate.outputs import Table, check_output, markdown_table, summarize, to_frame, write_outputs
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass(frozen=True)
 class EvaluationResult:
-    """Rows per case and class, their summary, its Markdown table, and the output folder
-    (``None`` when nothing was written)."""
-    per_case: pd.DataFrame
+    """Rows per case and class (``table``: one array per column of per_case.csv), their
+    summary, its Markdown table, and the output folder (``None`` when nothing was written)."""
+    table: Table
     summary: dict[str, Any]
     markdown: str
     output: Path | None
+
+    @property
+    def per_case(self) -> pd.DataFrame:
+        """The rows as a pandas frame (as :func:`medslim.evaluate.evaluate_folder` returns)."""
+        return to_frame(self.table)
 
 
 def _one_of(a: Any, b: Any, names: str) -> None:

@@ -1,23 +1,32 @@
-"""Score one case or a whole folder: per-case, per-class Dice and NSD as pandas frames."""
+"""Score one case or a whole folder: per-case, per-class Dice and NSD.
+
+Scoring returns NumPy columns (a :data:`~medslim.evaluate.outputs.Table`); pandas frames are
+built only for the Python API (``evaluate_case``, ``evaluate_folder``), so ``medslim evaluate``
+and its worker processes start without importing pandas.
+"""
 from __future__ import annotations
 
-import multiprocessing
 import os
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import pandas as pd
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from medslim.errors import MedslimError
 from medslim.evaluate.layouts import (Case, Dataset, LabelMap, check_same_grid, find_cases, labels_present,
                                       read_label_map, select_classes)
-from medslim.evaluate.metrics import score_label_maps
+from medslim.evaluate.metrics import ClassScores, score_label_maps
+from medslim.evaluate.outputs import Table, to_frame
 
-COLUMNS = ["case", "class_id", "class", "dice", "nsd", "ref_voxels", "pred_voxels"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+# What starting the spawned workers costs, in seconds: each is a fresh interpreter importing
+# numpy, scipy.ndimage, nibabel and medslim, side by side. `medslim evaluate --workers 2` took
+# 0.8-1.2 s longer than `--workers 1` on two 5 ms cases (shared 2-core machine).
+POOL_START_SECONDS = 1.0
 
 
 def default_workers() -> int:
@@ -36,6 +45,25 @@ def _as_label_map(x: str | Path | np.ndarray | LabelMap, spacing: Sequence[float
         x = x.view(np.uint8) if x.dtype == bool else x
         return LabelMap(x, np.diag([*map(float, spacing), 1.0]), tuple(float(s) for s in spacing), what)
     return read_label_map(x, classes)
+
+
+def score_case(pred: str | Path | np.ndarray | LabelMap, ref: str | Path | np.ndarray | LabelMap, *,
+               class_map: dict[int, str] | None = None, labels: Sequence[int] | None = None,
+               tolerance: float = 3.0, spacing: Sequence[float] | None = None, case: str = "case") -> ClassScores:
+    """:func:`evaluate_case` without pandas: the case's scores as arrays."""
+    r = _as_label_map(ref, spacing, class_map, f"reference of case {case}")
+    p = _as_label_map(pred, spacing, class_map, f"prediction of case {case}")
+    check_same_grid(r, p, case)
+    if class_map is not None:
+        for lm, what in ((r, "reference"), (p, "prediction")):
+            bad = sorted(set(labels_present(lm.array)) - set(class_map))
+            if bad:
+                raise MedslimError(f"case {case}: {what} {lm.source} has label(s) {bad[:5]} outside the "
+                                   f"{len(class_map)}-class map (ids {min(class_map)}..{max(class_map)})")
+        ids = list(class_map) if labels is None else list(labels)
+    else:
+        ids = sorted(set(labels_present(r.array)) | set(labels_present(p.array))) if labels is None else list(labels)
+    return score_label_maps(r.array, p.array, r.spacing, ids, tolerance)
 
 
 def evaluate_case(pred: str | Path | np.ndarray | LabelMap, ref: str | Path | np.ndarray | LabelMap, *,
@@ -61,71 +89,110 @@ def evaluate_case(pred: str | Path | np.ndarray | LabelMap, ref: str | Path | np
     Raises:
         MedslimError: unreadable files, shape/affine mismatch, label values outside ``class_map``.
     """
-    r = _as_label_map(ref, spacing, class_map, f"reference of case {case}")
-    p = _as_label_map(pred, spacing, class_map, f"prediction of case {case}")
-    check_same_grid(r, p, case)
-    if class_map is not None:
-        for lm, what in ((r, "reference"), (p, "prediction")):
-            bad = sorted(set(labels_present(lm.array)) - set(class_map))
-            if bad:
-                raise MedslimError(f"case {case}: {what} {lm.source} has label(s) {bad[:5]} outside the "
-                                   f"{len(class_map)}-class map (ids {min(class_map)}..{max(class_map)})")
-        ids = list(class_map) if labels is None else list(labels)
-    else:
-        ids = sorted(set(labels_present(r.array)) | set(labels_present(p.array))) if labels is None else list(labels)
-    s = score_label_maps(r.array, p.array, r.spacing, ids, tolerance)
-    names = [class_map.get(i, str(i)) if class_map else str(i) for i in ids]
-    return pd.DataFrame({"case": case, "class_id": s.labels, "class": names, "dice": s.dice, "nsd": s.nsd,
-                         "ref_voxels": s.ref_voxels, "pred_voxels": s.pred_voxels}, columns=COLUMNS)
+    s = score_case(pred, ref, class_map=class_map, labels=labels, tolerance=tolerance, spacing=spacing, case=case)
+    return to_frame(_rows(case, s, class_map))
 
 
-def _score(case: Case, classes: dict[int, str] | None, labels: list[int] | None, tolerance: float) -> pd.DataFrame:
-    return evaluate_case(case.pred, case.ref, class_map=classes, labels=labels, tolerance=tolerance, case=case.name)
+def _score(case: Case, classes: dict[int, str] | None, labels: list[int] | None, tolerance: float) -> ClassScores:
+    return score_case(case.pred, case.ref, class_map=classes, labels=labels, tolerance=tolerance, case=case.name)
 
 
-def _complete(frame: pd.DataFrame, cases: Sequence[str]) -> pd.DataFrame:
+def _rows(case: str, s: ClassScores, class_map: dict[int, str] | None) -> Table:
+    names = [class_map.get(i, str(i)) if class_map else str(i) for i in s.labels.tolist()]
+    return {"case": np.full(len(names), case, object), "class_id": s.labels, "class": np.array(names, object),
+            "dice": s.dice, "nsd": s.nsd, "ref_voxels": s.ref_voxels, "pred_voxels": s.pred_voxels}
+
+
+def _complete(scores: list[ClassScores]) -> list[ClassScores]:
     """Without a class map, give every case a row for every class seen anywhere (NaN: absent)."""
-    names = frame.drop_duplicates("class_id").set_index("class_id")["class"]
-    grid = pd.MultiIndex.from_product([list(cases), sorted(names.index)], names=["case", "class_id"])
-    out = frame.set_index(["case", "class_id"]).reindex(grid).reset_index()
-    out["class"] = out["class_id"].map(names)
-    out[["ref_voxels", "pred_voxels"]] = out[["ref_voxels", "pred_voxels"]].fillna(0).astype(np.int64)
-    return out[COLUMNS]
+    ids = np.unique(np.concatenate([s.labels for s in scores]))
+    out = []
+    for s in scores:
+        at = np.searchsorted(ids, s.labels)
+        dice, nsd = np.full(len(ids), np.nan), np.full(len(ids), np.nan)
+        nref, npred = np.zeros(len(ids), np.int64), np.zeros(len(ids), np.int64)
+        dice[at], nsd[at], nref[at], npred[at] = s.dice, s.nsd, s.ref_voxels, s.pred_voxels
+        out.append(ClassScores(ids, dice, nsd, nref, npred))
+    return out
+
+
+def _table(data: Dataset, scores: dict[str, ClassScores]) -> Table:
+    ordered = [scores[c.name] for c in data.cases]
+    if data.classes is None:
+        ordered = _complete(ordered)
+    parts = [_rows(c.name, s, data.classes) for c, s in zip(data.cases, ordered)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _pool_pays(elapsed: float, done: int, remaining: int, workers: int) -> bool:
+    """Would ``workers`` spawned processes finish the ``remaining`` cases sooner than this one,
+    judging by the ``done`` cases that took ``elapsed`` seconds here?"""
+    if done < 1 or remaining < 2 or workers < 2:
+        return False
+    serial = elapsed / done * remaining
+    return serial - serial / min(workers, remaining) > POOL_START_SECONDS
+
+
+def _score_in_pool(cases: Sequence[Case], args: tuple, workers: int,
+                   on_done: Callable[[str, ClassScores], None]) -> None:
+    """Score ``cases`` in ``workers`` spawned processes; the first exception stops the rest."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    # spawn: the parent may hold torch threads (--model), which fork can deadlock on.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_score, c, *args): c.name for c in cases}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for f in done:
+                if f.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise f.exception()
+                on_done(futures[f], f.result())
 
 
 def score_dataset(data: Dataset, *, labels: list[int] | None = None, tolerance: float = 3.0,
-                  workers: int | None = None, console: Console | None = None) -> pd.DataFrame:
-    """Score every case of ``data`` in ``workers`` processes with a progress bar; rows as
-    :func:`evaluate_case`, cases in ``data`` order. The first bad case stops the run."""
-    workers = default_workers() if workers is None else workers
+                  workers: int | None = None, console: Console | None = None) -> Table:
+    """Score every case of ``data`` with a progress bar; columns as :func:`evaluate_case`
+    (as a :data:`~medslim.evaluate.outputs.Table`), cases in ``data`` order. The first bad
+    case stops the run.
+
+    ``workers`` > 1 scores in that many processes. ``None``: cases are scored here until their
+    pace shows that :func:`default_workers` processes would finish the rest sooner despite
+    their start-up (``POOL_START_SECONDS``); then the rest go to the processes.
+    """
+    auto = workers is None
+    workers = default_workers() if auto else workers
     if workers < 1:
         raise MedslimError(f"--workers must be >= 1, got {workers}")
-    results: dict[str, pd.DataFrame] = {}
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    scores: dict[str, ClassScores] = {}
+    args = (data.classes, labels, tolerance)
     with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[case]}"),
                   TimeElapsedColumn(), console=console or Console(stderr=True), transient=True) as bar:
         task = bar.add_task("scoring", total=len(data.cases), case="")
-        if workers == 1 or len(data.cases) == 1:
-            for c in data.cases:
-                bar.update(task, case=c.name)
-                results[c.name] = _score(c, data.classes, labels, tolerance)
-                bar.advance(task)
-        else:
-            # spawn: the parent may hold torch threads (--model), which fork can deadlock on.
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(min(workers, len(data.cases)), mp_context=ctx) as pool:
-                futures = {pool.submit(_score, c, data.classes, labels, tolerance): c.name for c in data.cases}
-                pending = set(futures)
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    for f in done:
-                        if f.exception() is not None:
-                            for other in pending:
-                                other.cancel()
-                            raise f.exception()
-                        results[futures[f]] = f.result()
-                        bar.update(task, advance=1, case=futures[f])
-    frame = pd.concat([results[c.name] for c in data.cases], ignore_index=True)
-    return frame if data.classes is not None else _complete(frame, [c.name for c in data.cases])
+
+        def done(name: str, s: ClassScores) -> None:
+            scores[name] = s
+            bar.update(task, advance=1, case=name)
+
+        todo, start = list(data.cases), time.perf_counter()
+
+        def stay_here() -> bool:
+            if workers == 1 or len(data.cases) == 1:
+                return True
+            return auto and not _pool_pays(time.perf_counter() - start, len(scores), len(todo), workers)
+
+        while todo and stay_here():
+            case = todo.pop(0)
+            bar.update(task, case=case.name)
+            done(case.name, _score(case, *args))
+        if todo:
+            _score_in_pool(todo, args, min(workers, len(todo)), done)
+    return _table(data, scores)
 
 
 def evaluate_folder(pred: str | Path, ref: str | Path, *, tolerance: float = 3.0,
@@ -139,7 +206,8 @@ def evaluate_folder(pred: str | Path, ref: str | Path, *, tolerance: float = 3.0
         classes: names or ids to score (default: the whole class map, or all ids present).
         split: TotalSegmentator layout only: score the cases of this ``meta.csv`` split.
         dataset_json: nnU-Net ``dataset.json`` naming the labels.
-        workers: processes (default ``min(2, cpu_count)``).
+        workers: processes; default: up to ``min(2, cpu_count)``, started only when the
+            cases scored so far show they pay off (see :func:`score_dataset`).
 
     Returns:
         Rows as :func:`evaluate_case`, one per case and class.
@@ -150,5 +218,5 @@ def evaluate_folder(pred: str | Path, ref: str | Path, *, tolerance: float = 3.0
     if not tolerance >= 0:
         raise MedslimError(f"--tolerance must be >= 0 mm, got {tolerance}")
     data = find_cases(pred, ref, split, dataset_json)
-    return score_dataset(data, labels=select_classes(data.classes, classes), tolerance=tolerance,
-                         workers=workers, console=console)
+    return to_frame(score_dataset(data, labels=select_classes(data.classes, classes), tolerance=tolerance,
+                                  workers=workers, console=console))

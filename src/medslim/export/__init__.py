@@ -1,4 +1,6 @@
-"""Write compressed models where users' tools load them."""
-from medslim.export.nnunet_folder import write_results_folder
+"""Write compressed models where users' tools load them (names imported on first use)."""
+from medslim._lazy import lazy_exports
 
-__all__ = ["write_results_folder"]
+_EXPORTS = {"write_results_folder": "nnunet_folder"}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,10 +1,10 @@
 """Compress-then-fine-tune with stock ``nnUNetv2_train``: config, schedules and the helpers
-medslim's nnU-Net trainers (``nnunet_plugin/medslim_trainers.py``) call."""
-from medslim.finetune.config import (
-    SCHEDULES,
-    FinetuneConfig,
-    read_config_file,
-    resolve_config,
-)
+medslim's nnU-Net trainers (``nnunet_plugin/medslim_trainers.py``) call.
 
-__all__ = ["SCHEDULES", "FinetuneConfig", "read_config_file", "resolve_config"]
+Names are imported on first use (the config imports torch through ``medslim.compress``)."""
+from medslim._lazy import lazy_exports
+
+_EXPORTS = {"SCHEDULES": "config", "FinetuneConfig": "config", "read_config_file": "config",
+            "resolve_config": "config"}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,5 +1,9 @@
-"""Load trained nnU-Net models: results folders and TotalSegmentator tasks."""
-from medslim.load.nnunet import NnUNetModel, load_model, load_results_folder
-from medslim.load.totalseg import TOTALSEG_TASKS, resolve_totalseg_task
+"""Load trained nnU-Net models: results folders and TotalSegmentator tasks.
 
-__all__ = ["NnUNetModel", "TOTALSEG_TASKS", "load_model", "load_results_folder", "resolve_totalseg_task"]
+Names are imported on first use: ``medslim.load.totalseg`` alone does not import torch."""
+from medslim._lazy import lazy_exports
+
+_EXPORTS = {"NnUNetModel": "nnunet", "load_model": "nnunet", "load_results_folder": "nnunet",
+            "TOTALSEG_TASKS": "totalseg", "resolve_totalseg_task": "totalseg"}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

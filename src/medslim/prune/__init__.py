@@ -1,9 +1,11 @@
 """Physical channel removal (SPEC §3): choose layers by site, keep top-k channels, remove the
-rest through Torch-Pruning's dependency graph, and replay a saved record on a fresh network."""
-from medslim.prune.graph import build_graph, example_input
-from medslim.prune.pruner import PruneRecord, apply_kept, prune_network
-from medslim.prune.select import keep_top_k
-from medslim.prune.sites import PRUNE_SITES, prunable_layers
+rest through Torch-Pruning's dependency graph, and replay a saved record on a fresh network.
 
-__all__ = ["PRUNE_SITES", "PruneRecord", "apply_kept", "build_graph", "example_input",
-           "keep_top_k", "prunable_layers", "prune_network"]
+Names are imported on first use (torch and torch_pruning only then)."""
+from medslim._lazy import lazy_exports
+
+_EXPORTS = {"build_graph": "graph", "example_input": "graph",
+            "PruneRecord": "pruner", "apply_kept": "pruner", "prune_network": "pruner",
+            "keep_top_k": "select", "PRUNE_SITES": "sites", "prunable_layers": "sites"}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
