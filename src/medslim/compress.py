@@ -13,7 +13,9 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from medslim.decompose import decompose_network, get_rank_policy
-from medslim.decompose.apply import DecompositionRecord
+from medslim.decompose.apply import GUARDS, DecompositionRecord
+from medslim.decompose.latency import LayerTimer
+from medslim.decompose.ranks import check_rank_multiple
 from medslim.decompose.tucker import METHODS
 from medslim.errors import MedslimError
 from medslim.prune import PRUNE_SITES, PruneRecord, example_input, prunable_layers, prune_network
@@ -29,12 +31,17 @@ class CompressionSettings:
     """The compression knobs, shared by ``CompressConfig`` and the fine-tune config (which
     validates them through ``CompressConfig`` only when it compresses). ``df`` is the thesis'
     'downsampling factor' (a rank ratio); ``prune_ratio`` is ρ, the fraction of channels
-    removed per layer."""
+    removed per layer. ``rank_multiple`` rounds every rank up to a multiple (capped at C).
+    ``latency_budget`` (rank policy ``latency``) is the target time of the decomposable convs
+    as a fraction of their measured dense time; ``guard="latency"`` keeps a layer dense unless
+    its Tucker form is measured faster (both measure on this machine, cached per device)."""
 
     df: float = 0.3
     rank_policy: str = "df"
     energy: float = 0.9
+    latency_budget: float = 0.5
     rank_min: int = 1
+    rank_multiple: int = 1
     method: str = "hosvd"
     guard: str | None = "params"
     prune_ratio: float = 0.5
@@ -57,6 +64,14 @@ class CompressConfig(CompressionSettings):
             raise MedslimError(f"--prune must be in [0, 1), got {self.prune_ratio}")
         if not 0.0 < self.energy <= 1.0:
             raise MedslimError(f"--energy must be in (0, 1], got {self.energy}")
+        if isinstance(self.latency_budget, bool) or not 0.0 < self.latency_budget <= 1.0:
+            raise MedslimError(f"--latency-budget must be in (0, 1] (a fraction of the dense convs' measured time), "
+                               f"got {self.latency_budget}")
+        if isinstance(self.rank_min, bool) or not isinstance(self.rank_min, int) or self.rank_min < 1:
+            raise MedslimError(f"--rank-min must be an integer ≥ 1, got {self.rank_min!r}")
+        check_rank_multiple(self.rank_multiple)
+        if self.guard not in GUARDS:
+            raise MedslimError(f"unknown rank guard {self.guard!r}; choose 'params', 'params+flops', 'latency' or None")
         if self.method not in METHODS:
             raise MedslimError(f"unknown decomposition method '{self.method}'; choose one of {', '.join(METHODS)}")
         if self.prune_site not in PRUNE_SITES:
@@ -66,7 +81,8 @@ class CompressConfig(CompressionSettings):
         ScoreContext(engine=self.engine)
 
     def rank_policy_fn(self):
-        params = {"df": {"df": self.df}, "energy": {"energy": self.energy}}.get(self.rank_policy, {})
+        params = {"df": {"df": self.df}, "energy": {"energy": self.energy},
+                  "latency": {"budget": self.latency_budget}}.get(self.rank_policy, {})
         return get_rank_policy(self.rank_policy, **params)
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,13 +99,15 @@ class Compressed:
 
 
 def compress_network(net: nn.Module, config: CompressConfig, input_shape: Sequence[int],
-                     progress: Progress | None = None) -> Compressed:
+                     progress: Progress | None = None, timer: LayerTimer | None = None) -> Compressed:
     """Compress a copy of ``net`` (a ``PlainConvUNet``/``ResidualEncoderUNet``; not modified).
 
     Args:
         net: the trained network, deep supervision off.
         config: validated settings.
-        input_shape: ``[1, C_in, *patch]``, the nnU-Net patch (HVS ``spatial`` engine, FLOPs).
+        input_shape: ``[1, C_in, *patch]``, the nnU-Net patch (HVS ``spatial`` engine, FLOPs,
+            the layers' input shapes for the ``latency`` guard and rank policy).
+        timer: measures layer latency (default ``LayerTimer()``: this machine, cached per device).
     Returns:
         ``Compressed`` with the new network (eval mode) and its spec.
     """
@@ -97,6 +115,7 @@ def compress_network(net: nn.Module, config: CompressConfig, input_shape: Sequen
     t = time.perf_counter()
     decomposed, drec = decompose_network(
         net, config.rank_policy_fn(), method=config.method, guard=config.guard, rank_min=config.rank_min,
+        rank_multiple=config.rank_multiple, input_shape=tuple(input_shape), timer=timer,
         progress=(lambda name: progress("decompose", name)) if progress else None)
     seconds["decompose"] = time.perf_counter() - t
 

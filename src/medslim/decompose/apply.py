@@ -10,25 +10,29 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from medslim.decompose.latency import LayerTimer, conv_input_shapes, format_seconds
+from medslim.decompose.ranks import LayerSite, check_rank_multiple, finalize_ranks, is_network_policy
 from medslim.decompose.tucker import METHODS, TuckerConv
 from medslim.errors import MedslimError, did_you_mean
 from medslim.spec import LayerRanks
 
-GUARDS = ("params", "params+flops", None)
+GUARDS = ("params", "params+flops", "latency", None)
 
 
 @dataclass(frozen=True)
 class LayerRecord:
     """What ``decompose_network`` did to one conv. ``macs_*`` are multiply-accumulates per
     output voxel (exact for same-padded convs and kernel = stride transposed convs).
-    ``rel_error``/``discarded_energy`` are ``None`` when the guard skipped the layer."""
+    ``rel_error``/``discarded_energy`` are ``None`` when the guard skipped the layer.
+    ``seconds_dense``/``seconds_tucker``: measured seconds of the dense conv and of its Tucker
+    form at the layer's input shape (``latency`` guard or policy; else ``None``)."""
 
     ranks: LayerRanks
     c_in: int
@@ -43,6 +47,8 @@ class LayerRecord:
     reason: str = ""
     rel_error: float | None = None
     discarded_energy: dict[str, float] | None = None
+    seconds_dense: float | None = None
+    seconds_tucker: float | None = None
 
 
 @dataclass
@@ -63,6 +69,16 @@ class DecompositionRecord:
 
     def params_saved(self) -> int:
         return sum(r.params_before - r.params_after for r in self.layers.values() if r.replaced)
+
+    def conv_seconds(self) -> tuple[float, float] | None:
+        """Measured seconds of the eligible convs (one patch) before and after, or ``None``
+        if latency was not measured."""
+        timed = [r for r in self.layers.values() if r.seconds_dense is not None]
+        if not timed:
+            return None
+        after = sum(r.seconds_tucker if r.replaced and r.seconds_tucker is not None else r.seconds_dense
+                    for r in timed)
+        return sum(r.seconds_dense for r in timed), after
 
 
 def eligible_convs(net: nn.Module, *, include_stem: bool = True,
@@ -96,42 +112,76 @@ def stem_name(net: nn.Module) -> str:
 
 
 def decompose_network(net: nn.Module, policy: Callable[..., LayerRanks], *, method: str = "hosvd",
-                      guard: str | None = "params", rank_min: int = 1, include_stem: bool = True,
-                      include_1x1: bool = False,
+                      guard: str | None = "params", rank_min: int = 1, rank_multiple: int = 1,
+                      include_stem: bool = True, include_1x1: bool = False,
+                      input_shape: Sequence[int] | None = None, timer: LayerTimer | None = None,
                       progress: Callable[[str], None] | None = None) -> tuple[nn.Module, DecompositionRecord]:
     """Deep copy of ``net`` with each eligible conv (``eligible_convs``) replaced by its
     ``TuckerConv``; ``net`` is not modified.
 
-    Ranks: ``policy(weight, transposed=…, modes=…)``, then clamped to ``[rank_min, C]``; the
-    stem gets ``rank_in=None``. ``guard``: ``"params"`` replaces a layer only if that lowers
-    its parameter count, ``"params+flops"`` also its MACs, ``None`` always (DF = 1 sanity
-    check). ``progress(name)`` is called before each layer.
+    Ranks: ``policy(weight, transposed=…, modes=…)`` per layer, or for a network-level policy
+    (one with ``plan``, see ``medslim.decompose.ranks``) ``policy.plan(...)`` once for all
+    layers; then clamped to ``[rank_min, C]`` and rounded up to a multiple of
+    ``rank_multiple`` (capped at ``C``). The stem gets ``rank_in=None``.
+
+    ``guard``: ``"params"`` replaces a layer only if that lowers its parameter count,
+    ``"params+flops"`` also its MACs, ``"latency"`` only if its Tucker form is measurably
+    faster than the dense conv at the layer's input shape for ``input_shape``, ``None``
+    always (DF = 1 sanity check). Latency (guard or policy) is measured by ``timer``
+    (default: ``LayerTimer()``, cached per device under ``$MEDSLIM_CACHE``) and needs
+    ``input_shape = [1, C_in, *patch]``. ``progress(name)`` is called before each layer.
 
     Raises:
-        MedslimError: unknown ``method``/``guard``, ``rank_min < 1``, or see ``eligible_convs``.
+        MedslimError: unknown ``method``/``guard``, ``rank_min < 1``, ``rank_multiple < 1``,
+            latency needed without ``input_shape``, or see ``eligible_convs``.
     """
     if method not in METHODS:
         raise MedslimError(f"unknown decomposition method '{method}'{did_you_mean(method, [m for m in METHODS if m])}; "
                            f"choose one of {', '.join(METHODS)}")
     if guard not in GUARDS:
-        raise MedslimError(f"unknown rank guard {guard!r}{did_you_mean(str(guard), [g for g in GUARDS[:2] if g])}; "
-                           f"choose 'params', 'params+flops' or None")
+        raise MedslimError(f"unknown rank guard {guard!r}{did_you_mean(str(guard), [g for g in GUARDS if g])}; "
+                           f"choose 'params', 'params+flops', 'latency' or None")
     if isinstance(rank_min, bool) or not isinstance(rank_min, int) or rank_min < 1:
         raise MedslimError(f"rank_min must be a positive integer, got {rank_min!r}")
+    check_rank_multiple(rank_multiple)
+    planned = is_network_policy(policy)
+    timed = guard == "latency" or planned
+    if timed and input_shape is None:
+        what = "the rank guard 'latency'" if guard == "latency" else f"the rank policy '{getattr(policy, 'name', policy)}'"
+        raise MedslimError(f"{what} measures each layer at its real input shape; pass input_shape "
+                           f"[1, C_in, *patch] (the nnU-Net patch)")
     new = copy.deepcopy(net)
     stem = stem_name(new)
     convs = eligible_convs(new, include_stem=include_stem, include_1x1=include_1x1)
     parents = _parents(new)
     record = DecompositionRecord(settings={"policy": repr(policy), "method": method, "guard": guard,
-                                           "rank_min": rank_min})
+                                           "rank_min": rank_min, "rank_multiple": rank_multiple})
+    sites: dict[str, LayerSite] = {}
+    if timed:
+        timer = timer if timer is not None else LayerTimer()
+        record.settings.update(latency_device=timer.cache.device, latency_threads=timer.threads,
+                               input_shape=list(input_shape))
+        shapes = conv_input_shapes(new, input_shape, convs)
+        sites = {name: LayerSite(conv, ("out",) if name == stem else ("in", "out"), shapes[name])
+                 for name, conv in convs.items()}
+    plan = policy.plan(sites, timer=timer, rank_min=rank_min, rank_multiple=rank_multiple,
+                       progress=progress) if planned else {}
     for name, conv in convs.items():
         if progress is not None:
             progress(name)
         modes = ("out",) if name == stem else ("in", "out")
-        proposed = policy(conv.weight.detach(), transposed=bool(conv.transposed), modes=modes)
-        ranks = LayerRanks(_clamp(proposed.rank_in, rank_min, conv.in_channels),
-                           _clamp(proposed.rank_out, rank_min, conv.out_channels))
+        if planned and plan.get(name) is None:
+            record.layers[name] = replace(_layer_record(conv, LayerRanks(None, None)), reason="rank policy: kept dense",
+                                          seconds_dense=timer.layer_seconds(conv, sites[name].spatial))
+            continue
+        proposed = plan[name] if planned else policy(conv.weight.detach(), transposed=bool(conv.transposed),
+                                                     modes=modes)
+        ranks = finalize_ranks(proposed, conv.in_channels, conv.out_channels, rank_min=rank_min,
+                               rank_multiple=rank_multiple)
         base = _layer_record(conv, ranks)
+        if timed:
+            base = replace(base, seconds_dense=timer.layer_seconds(conv, sites[name].spatial),
+                           seconds_tucker=timer.layer_seconds(conv, sites[name].spatial, ranks))
         reason = _guard_reason(base, guard)
         if reason:
             record.layers[name] = replace(base, reason=reason)
@@ -208,15 +258,15 @@ def _layer_record(conv: _ConvNd, ranks: LayerRanks) -> LayerRecord:
 def _guard_reason(rec: LayerRecord, guard: str | None) -> str:
     if guard is None:
         return ""
+    if guard == "latency":
+        if rec.seconds_tucker >= rec.seconds_dense:
+            return f"guard: Tucker {format_seconds(rec.seconds_tucker)} ≥ dense {format_seconds(rec.seconds_dense)}"
+        return ""
     if rec.params_after >= rec.params_before:
         return f"guard: {rec.params_after} params after ≥ {rec.params_before} before"
     if guard == "params+flops" and rec.macs_after >= rec.macs_before:
         return f"guard: {rec.macs_after:.0f} MACs/voxel after ≥ {rec.macs_before:.0f} before"
     return ""
-
-
-def _clamp(rank: int | None, rank_min: int, channels: int) -> int | None:
-    return None if rank is None else min(max(int(rank), rank_min), channels)
 
 
 def _check_ranks(name: str, conv: _ConvNd, r: LayerRanks) -> None:
