@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ HIPPO = SHARED / "Task04_Hippocampus"
 TS_PLANS = SHARED / "totalsegmentator" / "Dataset297_total_3mm_plans_reconstructed.json"
 
 os.environ.setdefault("nnUNet_compile", "f")
+# medslim's ONNX/latency caches: per test session, not the user's ~/.cache/medslim
+os.environ.setdefault("MEDSLIM_CACHE", tempfile.mkdtemp(prefix="medslim-test-cache-"))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
@@ -55,6 +58,20 @@ def totalseg_dir(tmp_path_factory) -> Path:
     from medslim.load.totalseg import write_totalseg_standin
 
     return write_totalseg_standin(TS_PLANS, tmp_path_factory.mktemp("totalseg"))
+
+
+def held_out_cases(n: int) -> list[str]:
+    """The first ``n`` test cases of ``configs/hippocampus_split.json`` (never trained on)."""
+    return json.loads((REPO / "configs" / "hippocampus_split.json").read_text())["test"][:n]
+
+
+def nnunet_images(folder: Path, cases: list[str]) -> Path:
+    """``folder/<case>_0000.nii.gz`` copies of Hippocampus ``cases`` (nnU-Net's input layout)."""
+    import shutil
+
+    for case in cases:
+        shutil.copy(HIPPO / "imagesTr" / f"{case}.nii.gz", folder / f"{case}_0000.nii.gz")
+    return folder
 
 
 def tree_digest(folder: Path) -> str:

@@ -16,11 +16,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import HIPPO, REPO, SHARED, assert_user_error
+from conftest import SHARED, assert_user_error, held_out_cases, nnunet_images
 
 from medslim.cli import app
 
-CASES = json.loads((REPO / "configs" / "hippocampus_split.json").read_text())["test"][:3]
+CASES = held_out_cases(3)
 EXAMPLE_CT = SHARED / "totalsegmentator" / "example_ct_sm.nii.gz"
 
 
@@ -40,10 +40,7 @@ def cli(*args: str):
 @pytest.fixture(scope="module")
 def hippo_images(tmp_path_factory) -> Path:
     """Three held-out test cases as ``<case>_0000.nii.gz`` in a temp folder."""
-    folder = tmp_path_factory.mktemp("hippo_images")
-    for case in CASES:
-        shutil.copy(HIPPO / "imagesTr" / f"{case}.nii.gz", folder / f"{case}_0000.nii.gz")
-    return folder
+    return nnunet_images(tmp_path_factory.mktemp("hippo_images"), CASES)
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +190,18 @@ def test_bad_input_spec_does_not_match_weights(compressed_dir, tmp_path):
     (model / "plans.json").write_text(json.dumps(plans))
     out = tmp_path / "bundle"
     assert_user_error(cli("export-bundle", str(model), "-o", str(out)), out, "does not match")
+
+
+def test_bundle_runtime_backend_agrees_with_pytorch(bundles, hippo_images, tmp_path):
+    """The bundle's default (exported) runtime and ``--backend torch`` give the same labels."""
+    from medslim.infer import is_installed
+
+    if not (is_installed("openvino") or is_installed("onnxruntime")):
+        pytest.skip("no exported runtime installed")
+    for backend in ("auto", "torch"):
+        monai_bundle(bundles["compressed"], "run", "--config_file", "configs/inference.json", "--backend", backend,
+                     "--dataset_dir", str(hippo_images), "--output_dir", str(tmp_path / backend))
+    for case in CASES:
+        auto = np.asarray(nib.load(tmp_path / "auto" / f"{case}.nii.gz").dataobj)
+        eager = np.asarray(nib.load(tmp_path / "torch" / f"{case}.nii.gz").dataobj)
+        assert (auto == eager).mean() >= 0.999, case

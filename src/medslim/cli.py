@@ -29,8 +29,11 @@ def compress(
     prune: float = typer.Option(0.5, "--prune", help="fraction ρ of channels removed per layer, in [0, 1)"),
     criterion: str = typer.Option("hvs", "--criterion", help="hvs | nisp | l1 | l2 | consumer_l1 | random"),
     prune_site: str = typer.Option("outer", "--prune-site", help="outer | rank | all"),
-    rank_policy: str = typer.Option("df", "--rank-policy", help="df | energy"),
+    rank_policy: str = typer.Option("df", "--rank-policy", help="df | energy | latency"),
     energy: float = typer.Option(0.9, "--energy", help="spectral energy kept per mode (rank policy 'energy')"),
+    latency_budget: float = typer.Option(0.5, "--latency-budget", help="rank policy 'latency': conv time as a fraction of the dense convs' measured time"),
+    rank_multiple: int = typer.Option(1, "--rank-multiple", help="round ranks up to a multiple (8 suits CPU SIMD)"),
+    guard: str = typer.Option("params", "--guard", help="decompose a layer only if it gets smaller: params | params+flops | latency (measured faster here) | none"),
     method: str = typer.Option("hosvd", "--method", help="hosvd | hooi"),
     engine: str = typer.Option("channel", "--engine", help="HVS engine: channel (fast) | spatial (exact)"),
     rank_min: int = typer.Option(1, "--rank-min", help="smallest rank of any mode (Weber et al.: 8)"),
@@ -48,7 +51,8 @@ def compress(
 
     config = CompressConfig(df=df, prune_ratio=prune, criterion=criterion, prune_site=prune_site,
                             rank_policy=rank_policy, energy=energy, method=method, engine=engine,
-                            rank_min=rank_min, seed=seed)
+                            rank_min=rank_min, seed=seed, latency_budget=latency_budget,
+                            rank_multiple=rank_multiple, guard=None if guard == "none" else guard)
     check_output_folder(output.expanduser(), overwrite)
     loaded = load_model(model, fold, checkpoint)
     report = compress_model(loaded, config, output, overwrite=overwrite, console=console)
@@ -115,33 +119,109 @@ def predict(
     fold: str = typer.Option("0", "--fold", "-f", help="checkpoint fold"),
     checkpoint: str = typer.Option("checkpoint_final.pth", "--checkpoint", help="checkpoint file name"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    backend: str = typer.Option("auto", "--backend", help="auto | torch | onnxruntime | openvino | nnunet (nnU-Net's own predictor)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: the runtime's choice)"),
+    disable_tta: bool = typer.Option(False, "--disable-tta", help="no test-time mirroring (as nnUNetv2_predict --disable_tta)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output"),
 ) -> None:
-    """Segment with nnU-Net's predictor. One NIfTI image gives TotalSegmentator's outputs
-    (<structure>.nii.gz per class, or --ml); a folder gives nnU-Net label maps."""
-    import torch
-
+    """Segment with nnU-Net's preprocessing and sliding window on the fastest installed runtime
+    (--backend nnunet: nnU-Net's own predictor). One NIfTI image gives TotalSegmentator's
+    outputs (<structure>.nii.gz per class, or --ml); a folder gives nnU-Net label maps."""
     from medslim.atomic import atomic_folder, check_output_folder
     from medslim.load import load_model
     from medslim.predict import predict_folder, segment_image
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise MedslimError(f"--device must be auto, cpu or cuda, got '{device}'")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MedslimError("--device cuda: no CUDA device is available")
-    dev = None if device == "auto" else torch.device(device)
+    dev, options = _runtime_choice(device, backend, threads)
     loaded = load_model(model, fold, checkpoint)  # validates the folder; resolves TotalSegmentator tasks
     if input.is_dir():
         if ml or roi_subset:
             raise MedslimError("--ml and --roi-subset apply to a single image; a folder gives nnU-Net label maps")
         check_output_folder(output.expanduser(), overwrite)
         with atomic_folder(output, overwrite) as tmp:
-            predict_folder(loaded.folder, input, tmp, fold=loaded.fold, device=dev, checkpoint_name=checkpoint)
+            predict_folder(loaded.folder, input, tmp, fold=loaded.fold, device=dev, checkpoint_name=checkpoint,
+                           backend=backend, options=options, mirroring=not disable_tta)
     else:
         segment_image(loaded.folder, input, output, ml=ml, fold=loaded.fold, device=dev, checkpoint_name=checkpoint,
                       roi_subset=[r.strip() for r in roi_subset.split(",") if r.strip()] if roi_subset else None,
-                      overwrite=overwrite)
+                      overwrite=overwrite, backend=backend, options=options, mirroring=not disable_tta)
     out_console.print(f"wrote {output}", highlight=False, soft_wrap=True)
+
+
+def _runtime_choice(device: str, backend: str, threads: int | None):
+    """``(torch device or None, RuntimeOptions)`` from the flags, checked before any work."""
+    import torch
+
+    from medslim.infer import RuntimeOptions, resolve_backend
+    from medslim.predict import default_device
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise MedslimError(f"--device must be auto, cpu or cuda, got '{device}'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MedslimError("--device cuda: no CUDA device is available")
+    if threads is not None and threads < 1:
+        raise MedslimError(f"--threads must be ≥ 1, got {threads}")
+    if device == "auto" and backend in ("onnxruntime", "openvino"):
+        device = "cpu"  # the exported runtimes run on the CPU
+    dev = None if device == "auto" else torch.device(device)
+    if backend != "nnunet":
+        resolve_backend(backend, (dev or default_device()).type)
+    return dev, RuntimeOptions(threads=threads)
+
+
+@app.command()
+@user_errors
+def benchmark(
+    model: str = typer.Argument(..., help="nnU-Net results folder (e.g. a compressed model) or a TotalSegmentator task"),
+    image: Path = typer.Option(..., "-i", "--input", help="one NIfTI image to segment (e.g. a CT)"),
+    vs: Optional[str] = typer.Option(None, "--vs", help="the original model, timed in the same run"),
+    backend: str = typer.Option("auto", "--backend", help="auto | torch | onnxruntime | openvino"),
+    vs_backend: Optional[str] = typer.Option(None, "--vs-backend", help="backend of --vs (default: --backend)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: the runtime's choice)"),
+    runs: int = typer.Option(3, "--runs", help="counted runs per model"),
+    warmup: int = typer.Option(1, "--warmup", help="uncounted runs first"),
+    tta: bool = typer.Option(False, "--tta", help="test-time mirroring (TotalSegmentator's 3 mm model has none)"),
+    profile: bool = typer.Option(True, "--profile/--no-profile", help="per-layer profile of one patch"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="JSON report to write"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing report"),
+) -> None:
+    """Time whole-volume inference (preprocessing, network, export; peak RSS; a per-layer
+    profile), each run a fresh process, against --vs in the same run."""
+    import json
+
+    from rich.table import Table
+
+    from medslim.atomic import atomic_file, check_output_file
+    from medslim.infer.benchmark import BenchmarkJob, benchmark as run_benchmark, model_folder, table_rows
+
+    if not image.is_file() or not image.name.endswith((".nii", ".nii.gz")):
+        raise MedslimError(f"input {image} is not a NIfTI file (.nii or .nii.gz)")
+    if output is not None:
+        check_output_file(output.expanduser(), overwrite)
+    # this process stays free of torch and weights: Linux carries a parent's peak RSS into its children
+    models = [model_folder(model)] + ([model_folder(vs)] if vs else [])
+    jobs = [BenchmarkJob(str(m), str(image.resolve()), b, threads, tta, profile=profile)
+            for m, b in zip(models, [backend, vs_backend or backend])]
+    jobs = jobs[::-1] if vs else jobs  # the original first: ratios are original / compressed
+    summary = run_benchmark(jobs, runs, warmup, progress=lambda msg: console.print(msg, highlight=False))
+    table = Table(title=f"medslim benchmark: {image.name}, median (min–max) of {runs} runs, whole process")
+    for col in ("model", "backend", "params", "FLOPs/patch", "wall s", "peak RSS MB", "stages (median s)"):
+        table.add_column(col, overflow="fold")
+    for row in table_rows(summary):
+        table.add_row(*row)
+    out_console.print(table)
+    for r in summary.get("ratios", []):
+        out_console.print(f"{Path(r['model']).name} vs {Path(r['baseline']).name}: ×{r['speedup_wall']:.2f} faster "
+                          f"whole process (per-run {r['speedup_wall_range'][0]:.2f}–{r['speedup_wall_range'][1]:.2f}), "
+                          f"network ×{r['speedup_network']:.2f}, peak RSS ×{r['rss_ratio']:.2f}, "
+                          f"params ÷{r['params_ratio']:.1f}, FLOPs ÷{r['flops_ratio']:.1f}", highlight=False)
+    for j in summary["jobs"]:
+        for p in (j.get("profile") or [])[:5]:
+            out_console.print(f"  {Path(j['job']['model']).name}: {p['ms']:8.1f} ms {100 * p['share']:5.1f} %  "
+                              f"{p['op']} {p['layer']}", highlight=False, markup=False)
+    if output is not None:
+        with atomic_file(output, overwrite) as tmp:
+            tmp.write_text(json.dumps(summary, indent=1))
+        out_console.print(f"wrote {output}")
 
 
 @app.command("export-bundle")

@@ -27,18 +27,41 @@ def check_image_folder(images: str | Path) -> Path:
     return images
 
 
+#: ``backend`` values: the fast path's runtimes, or ``nnunet`` = nnU-Net's own predictor (PyTorch)
+PREDICT_BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "nnunet")
+
+
 def predict_folder(model_dir: str | Path, images: str | Path, output: str | Path, fold: str = "0",
                    device: torch.device | None = None, mirroring: bool = True,
-                   checkpoint_name: str = "checkpoint_final.pth") -> Path:
+                   checkpoint_name: str = "checkpoint_final.pth", backend: str = "auto",
+                   options=None) -> Path:
     """Write ``output/<case>.nii.gz`` for every ``<case>_0000.nii.gz`` in ``images``.
 
-    Runs in this process (``predict_from_files_sequential``): no worker processes, which keeps
-    small CPU runs fast and tests deterministic."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
+    ``backend`` ``nnunet`` runs nnU-Net's predictor (``predict_from_files_sequential``: in
+    this process, no workers); the others run medslim's fast path (``medslim.infer``) with
+    that network runtime (``auto``: the fastest installed). Both write what
+    ``nnUNetv2_predict`` writes, plus its ``dataset.json``/``plans.json``."""
     images = check_image_folder(images)
     device = device or default_device()
     Path(output).mkdir(parents=True, exist_ok=True)
+    if backend == "nnunet":
+        return _predict_folder_nnunet(model_dir, images, output, fold, device, mirroring, checkpoint_name)
+    from medslim.infer import case_files, load_predictor, segment_files
+
+    predictor = load_predictor(model_dir, fold, checkpoint_name, backend=backend, device=device.type,
+                               mirroring=mirroring, options=options)
+    ending = predictor.model.dataset_json.get("file_ending", ".nii.gz")
+    for case, files in case_files(images, predictor.model.num_input_channels, ending).items():
+        segment_files(predictor, files, Path(output) / f"{case}{ending}")
+    for name, content in (("dataset.json", predictor.model.dataset_json), ("plans.json", predictor.model.plans)):
+        (Path(output) / name).write_text(json.dumps(content, indent=2))
+    return Path(output)
+
+
+def _predict_folder_nnunet(model_dir, images: Path, output, fold: str, device: torch.device, mirroring: bool,
+                           checkpoint_name: str) -> Path:
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
     # nnU-Net prints device notes and per-case chatter on stdout; keep medslim's output readable
     with contextlib.redirect_stdout(io.StringIO()):
         predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
@@ -51,7 +74,8 @@ def predict_folder(model_dir: str | Path, images: str | Path, output: str | Path
 
 def segment_image(model_dir: str | Path, image: str | Path, output: str | Path, *, ml: bool = False,
                   roi_subset: Sequence[str] | None = None, fold: str = "0", device: torch.device | None = None,
-                  checkpoint_name: str = "checkpoint_final.pth", overwrite: bool = False) -> Path:
+                  checkpoint_name: str = "checkpoint_final.pth", overwrite: bool = False,
+                  backend: str = "auto", options=None, mirroring: bool = True) -> Path:
     """TotalSegmentator's outputs for one NIfTI image, from any nnU-Net results folder
     (e.g. ``medslim compress total_fast`` output): ``output/<structure>.nii.gz`` per class
     (uint8 0/1, named by the model's ``dataset.json``), or with ``ml`` one multi-label map at
@@ -59,7 +83,8 @@ def segment_image(model_dir: str | Path, image: str | Path, output: str | Path, 
 
     nnU-Net's predictor does the resampling to the model's spacing and back, and the
     reorientation its plans ask for (TotalSegmentator's plans: ``NibabelIOWithReorient``), so
-    the prediction is what ``nnUNetv2_predict`` gives for this model. The input is only read;
+    the prediction is what ``nnUNetv2_predict`` gives for this model (``backend``: see
+    ``predict_folder``). The input is only read;
     the output appears complete or not at all.
 
     Raises:
@@ -93,10 +118,19 @@ def segment_image(model_dir: str | Path, image: str | Path, output: str | Path, 
 
     with tempfile.TemporaryDirectory(prefix="medslim-predict-") as work:
         src, dst = Path(work) / "in", Path(work) / "out"
-        src.mkdir()
-        # nnU-Net wants <case>_0000.nii.gz; re-saving (not linking) also accepts .nii inputs
-        nib.save(img, str(src / "image_0000.nii.gz"))
-        predict_folder(model_dir, src, dst, fold=fold, device=device, checkpoint_name=checkpoint_name)
+        if backend == "nnunet":
+            src.mkdir()
+            # nnU-Net wants <case>_0000.nii.gz; re-saving (not linking) also accepts .nii inputs
+            nib.save(img, str(src / "image_0000.nii.gz"))
+            predict_folder(model_dir, src, dst, fold=fold, device=device, checkpoint_name=checkpoint_name,
+                           backend=backend, mirroring=mirroring)
+        else:
+            from medslim.infer import load_predictor, segment_files
+
+            dst.mkdir()
+            predictor = load_predictor(model_dir, fold, checkpoint_name, backend=backend,
+                                       device=(device or default_device()).type, mirroring=mirroring, options=options)
+            segment_files(predictor, [str(image)], dst / "image.nii.gz")
         seg = np.asarray(nib.load(str(dst / "image.nii.gz")).dataobj)
     if seg.shape != img.shape:
         raise MedslimError(f"prediction shape {seg.shape} differs from the input's {img.shape}")

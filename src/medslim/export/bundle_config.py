@@ -130,6 +130,8 @@ def inference_config(model: NnUNetModel) -> dict[str, Any]:
                     "overlap": 0.5, "mode": "gaussian", "sigma_scale": 0.125, "padding_mode": "constant", "cval": 0.0},
         "postprocessing": {"_target_": "Compose", "transforms": post},
         "initialize": ["$@network.load_state_dict(@checkpoint)", "$@network.eval()"],
+        "backend": "auto",
         "run": [{"_target_": "medslim.export.bundle_run.run_inference", "dataset": "@dataset", "network": "@network",
-                 "inferer": "@inferer", "postprocessing": "@postprocessing", "device": "@device"}],
+                 "inferer": "@inferer", "postprocessing": "@postprocessing", "device": "@device",
+                 "backend": "@backend"}],
     }

@@ -23,14 +23,22 @@ def case_name(metadict: Mapping[str, Any], saver: Any = None) -> dict[str, Any]:
 
 def run_inference(dataset: Iterable[dict[str, Any]], network: torch.nn.Module,
                   inferer: Callable[..., torch.Tensor], postprocessing: Callable[[dict[str, Any]], Any],
-                  device: torch.device) -> int:
+                  device: torch.device, backend: str = "auto") -> int:
     """Segment every item: image ``[C, *S]`` → logits ``[K, *S]`` → ``postprocessing`` (argmax,
-    invert, save). Returns the number of cases."""
+    invert, save). ``backend``: the network's runtime (``medslim.infer.compiled``; ``auto`` =
+    OpenVINO or ONNX Runtime on CPU when installed, PyTorch otherwise). Returns the number of
+    cases."""
+    from medslim.infer.compiled import compile_network
+
     network.eval()
+    roi = getattr(inferer, "roi_size", None)
     n = 0
     with torch.no_grad():
         for item in dataset:
-            logits = inferer(item["image"][None].to(device), network)[0].cpu()
+            image = item["image"][None].to(device)
+            if n == 0 and roi is not None:
+                network = compile_network(network, [1, image.shape[1], *roi], backend, device)
+            logits = inferer(image, network)[0].cpu()
             postprocessing(dict(item, pred=MetaTensor(logits)))  # Invertd keeps meta only on MetaTensors
             n += 1
     return n
