@@ -186,3 +186,20 @@ def test_split_head_gives_the_networks_labels(reference, hippo_patch):
         features = trunk(net)(hippo_patch)[0]
     np.testing.assert_array_equal(apply_head(features.numpy(), head, chunk_voxels=1000), logits.argmax(0).numpy())
     assert apply_head(features.numpy(), head).shape == tuple(hippo_patch.shape[2:])
+
+
+def test_channels_last_layout_keeps_outputs(reference, hippo_patch):
+    """Channels-last with instance norms as group norms: the same logits, no norm left, and
+    the layout kept through the network."""
+    from medslim.infer.layout import InstanceNormAsGroupNorm, channels_last
+
+    net = reference.build_network()
+    fast, fmt = channels_last(net)
+    assert fmt == torch.channels_last_3d
+    assert not any(isinstance(m, torch.nn.InstanceNorm3d) and not isinstance(p, InstanceNormAsGroupNorm)
+                   for p in fast.modules() for m in p.children())
+    with torch.inference_mode():
+        expected = net(hippo_patch)
+        got = fast(hippo_patch.contiguous(memory_format=fmt))
+    assert got.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())

@@ -64,15 +64,24 @@ class RuntimeOptions:
 
 
 def torch_runner(net, device: str = "cpu") -> PatchRunner:
-    """Eager PyTorch, ``inference_mode``; the network as nnU-Net builds it."""
+    """Eager PyTorch, ``inference_mode``. On CPU the network runs channels-last with its
+    instance norms as ``group_norm`` (``medslim.infer.layout``: 2× faster on the compressed
+    TotalSegmentator architecture); on CUDA as nnU-Net builds it."""
     import torch
+
+    from medslim.infer.layout import channels_last
 
     dev = torch.device(device)
     net = net.to(dev).eval()
+    fmt = None
+    if dev.type == "cpu":
+        net, fmt = channels_last(net)
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return net(torch.from_numpy(x).to(dev)).float().cpu().numpy()
+            t = torch.from_numpy(x).to(dev)
+            y = net(t.contiguous(memory_format=fmt) if fmt is not None else t)
+            return y.float().contiguous().cpu().numpy()
     return run
 
 
