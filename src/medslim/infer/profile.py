@@ -20,15 +20,22 @@ def profile_layers(predictor, net: nn.Module, shape: Sequence[int], top: int = 1
         rows = _openvino(predictor, x)
     elif predictor.backend == "onnxruntime":
         rows = _onnxruntime(predictor, x)
-    else:
-        rows = _torch(net, x)
+    else:  # what the torch backend runs: the trunk, channels-last on CPU
+        from medslim.infer.head import trunk
+        from medslim.infer.layout import channels_last
+
+        body, fmt = channels_last(trunk(net) if predictor.head is not None else net)
+        rows = _torch(body, x, fmt)
     total = sum(r["ms"] for r in rows) or 1.0
     rows = sorted(rows, key=lambda r: -r["ms"])[:top]
     return [{**r, "ms": round(r["ms"], 2), "share": round(r["ms"] / total, 4)} for r in rows]
 
 
-def _torch(net: nn.Module, x: np.ndarray) -> list[dict[str, Any]]:
+def _torch(net: nn.Module, x: np.ndarray, memory_format=None) -> list[dict[str, Any]]:
     import torch
+
+    t = torch.from_numpy(x)
+    t = t.contiguous(memory_format=memory_format) if memory_format is not None else t
 
     spent: dict[str, float] = defaultdict(float)
     kinds: dict[str, str] = {}
@@ -41,9 +48,9 @@ def _torch(net: nn.Module, x: np.ndarray) -> list[dict[str, Any]]:
             handles.append(module.register_forward_hook(
                 lambda m, i, o, n=name: spent.__setitem__(n, spent[n] + time.perf_counter() - starts[n])))
     with torch.inference_mode():
-        net(torch.from_numpy(x))
+        net(t)
         spent.clear()
-        net(torch.from_numpy(x))
+        net(t)
     for h in handles:
         h.remove()
     return [{"layer": n, "op": kinds[n], "ms": s * 1e3} for n, s in spent.items()]
