@@ -85,30 +85,30 @@ def logit_slabs(data: np.ndarray, run: PatchRunner, patch: Sequence[int], channe
     depth = patch[axis]
     buf_shape = list(shape)
     buf_shape[axis] = depth
-    logits = np.zeros((channels, *buf_shape), np.float32)
+    acc = np.zeros((channels, *buf_shape), np.float32)  # Gaussian-weighted sums
     weight = np.zeros(buf_shape, np.float32)
     keep = [revert[d + 1] for d in range(len(shape))]  # padded → data coordinates, per axis
     lo = 0  # padded coordinate of the buffer's first plane along ``axis``
     for start in steps[axis]:
         if start > lo:
-            yield from _emit(logits, weight, axis, lo, start, keep)
-            _shift(logits, weight, axis, start - lo)
+            yield from _emit(acc, weight, axis, lo, start, keep)
+            _shift(acc, weight, axis, start - lo)
             lo = start
         for corner in itertools.product(*[steps[d] if d != axis else [start] for d in range(len(shape))]):
             tile = tuple(slice(c, c + p) for c, p in zip(corner, patch))
             local = list(tile)
-            local[axis] = slice(start - lo, start - lo + depth)
+            local[axis] = slice(0, depth)  # the buffer starts at this tile's plane
             with timer("network"):
                 out = run(np.ascontiguousarray(padded[(slice(None), *tile)][None]))[0]
             with timer("accumulate"):
                 out = out if out.flags.writeable else out.copy()
                 out *= gauss
-                logits[(slice(None), *local)] += out
+                acc[(slice(None), *local)] += out
                 weight[tuple(local)] += gauss
-    yield from _emit(logits, weight, axis, lo, shape[axis], keep)
+    yield from _emit(acc, weight, axis, lo, shape[axis], keep)
 
 
-def _emit(logits: np.ndarray, weight: np.ndarray, axis: int, lo: int, hi: int,
+def _emit(acc: np.ndarray, weight: np.ndarray, axis: int, lo: int, hi: int,
           keep: list[slice]) -> Iterator[tuple[int, int, int, np.ndarray]]:
     """Normalise buffer planes ``[lo, hi)`` (padded coordinates) and yield the part inside
     the unpadded data."""
@@ -117,14 +117,14 @@ def _emit(logits: np.ndarray, weight: np.ndarray, axis: int, lo: int, hi: int,
     if a >= b:
         return
     sel = [keep[d] if d != axis else slice(a - lo, b - lo) for d in range(len(keep))]
-    slab = logits[(slice(None), *sel)]
+    slab = acc[(slice(None), *sel)]
     slab /= weight[tuple(sel)]
     yield axis, a - k0, b - k0, slab
 
 
-def _shift(logits: np.ndarray, weight: np.ndarray, axis: int, n: int) -> None:
+def _shift(acc: np.ndarray, weight: np.ndarray, axis: int, n: int) -> None:
     """Move the buffer ``n`` planes forward along ``axis``: drop the first ``n``, zero the last."""
-    for arr, ax in ((logits, axis + 1), (weight, axis)):
+    for arr, ax in ((acc, axis + 1), (weight, axis)):
         depth = arr.shape[ax]
         src = [slice(None)] * arr.ndim
         dst = [slice(None)] * arr.ndim
