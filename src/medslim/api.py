@@ -49,10 +49,14 @@ def run_demo(output: str | Path | None, df: float = 0.3, prune: float = 0.5,
     from medslim.evaluate import mean_dice_folder
     from medslim.predict import predict_folder
 
+    from medslim.atomic import check_output_folder
+
     config = CompressConfig(df=df, prune_ratio=prune)
+    if output is not None:  # before minutes of work: demo never replaces a user's folder
+        check_output_folder(Path(output).expanduser(), overwrite=False, hint="choose a new or empty folder")
     work = Path(tempfile.mkdtemp(prefix="medslim-demo-"))
     try:
-        out = Path(output) if output is not None else work / "compressed"
+        out = Path(output).expanduser() if output is not None else work / "compressed"
         model = load_results_folder(DEFAULT_MODEL)
         report = compress_model(model, config, out, console=console)
         cases = sorted(p.name[: -len(".nii.gz")] for p in (DEMO_CASES / "labelsTs").glob("*.nii.gz"))

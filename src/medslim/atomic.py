@@ -15,16 +15,30 @@ from typing import Iterator
 from medslim.errors import MedslimError
 
 
-def check_output_folder(out: Path, overwrite: bool) -> None:
-    """Fail early (before any work) if ``out`` exists, is not empty and ``overwrite`` is off."""
+def check_output_parent(out: Path) -> None:
+    """Fail early if a parent of ``out`` exists but is not a folder (``out`` cannot be created)."""
+    for parent in Path(out).expanduser().absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MedslimError(f"output {out} cannot be created: {parent} is a file, not a folder")
+            return
+
+
+def check_output_folder(out: Path, overwrite: bool, hint: str = "pass --overwrite to replace it") -> None:
+    """Fail early (before any work) if ``out`` cannot be a folder, or exists, is not empty and
+    ``overwrite`` is off (``hint``: what the user can do then)."""
+    out = Path(out)
+    check_output_parent(out)
     if out.exists() and not out.is_dir():
         raise MedslimError(f"output {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MedslimError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
+        raise MedslimError(f"output folder {out} exists and is not empty; {hint}")
 
 
 def check_output_file(out: Path, overwrite: bool) -> None:
-    """Fail early if ``out`` is a folder, or an existing file and ``overwrite`` is off."""
+    """Fail early if ``out`` cannot be a file, is a folder, or exists and ``overwrite`` is off."""
+    out = Path(out)
+    check_output_parent(out)
     if out.is_dir():
         raise MedslimError(f"output {out} is a folder; expected a file name")
     if out.exists() and not overwrite:

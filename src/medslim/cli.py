@@ -1,6 +1,7 @@
 """``medslim`` command line: thin shells over the library (one public function per command).
 
-User errors (``MedslimError``) print one line on stderr and exit with code 2.
+Every failure is one line on stderr: exit code 2 for user errors (``MedslimError``, Click usage
+errors), 1 for bugs (``medslim --debug ...`` shows the traceback); see :mod:`medslim.cli_common`.
 """
 from __future__ import annotations
 
@@ -11,17 +12,18 @@ from typing import Optional
 
 import typer
 
-from medslim.cli_common import console, out_console, user_errors
+from medslim.cli_common import MedslimGroup, console, global_options, out_console
 from medslim.cli_prune2d import prune2d
 from medslim.cli_transfer import transfer_app
 from medslim.errors import MedslimError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(name="medslim", cls=MedslimGroup, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False,
                   help="Compress pretrained nnU-Net / TotalSegmentator models: Tucker-2 + HVS channel pruning.")
+app.callback()(global_options)  # medslim --debug COMMAND ...
 
 
 @app.command()
-@user_errors
 def compress(
     model: str = typer.Argument(..., help="nnU-Net results folder, or a TotalSegmentator task (total_fast, total_part1..5)"),
     output: Path = typer.Option(..., "-o", "--output", help="new results folder to write"),
@@ -61,7 +63,6 @@ def compress(
 
 
 @app.command()
-@user_errors
 def demo(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the compressed model (default: a temp folder)"),
     df: float = typer.Option(0.3, "--df"),
@@ -80,7 +81,6 @@ def demo(
 
 
 @app.command()
-@user_errors
 def evaluate(
     pred: Optional[Path] = typer.Option(None, "--pred", help="predicted label maps (nnU-Net or TotalSegmentator layout)"),
     ref: Optional[Path] = typer.Option(None, "--ref", help="reference label maps: nnU-Net folder, or TotalSegmentator root with meta.csv"),
@@ -109,7 +109,6 @@ def evaluate(
 
 
 @app.command()
-@user_errors
 def predict(
     model: str = typer.Argument(..., help="nnU-Net results folder (e.g. a compressed TotalSegmentator model), or a TotalSegmentator task"),
     input: Path = typer.Option(..., "-i", "--input", help="one NIfTI image, or a folder of nnU-Net images (<case>_0000.nii.gz)"),
@@ -169,7 +168,6 @@ def _runtime_choice(device: str, backend: str, threads: int | None):
 
 
 @app.command()
-@user_errors
 def benchmark(
     model: str = typer.Argument(..., help="nnU-Net results folder (e.g. a compressed model) or a TotalSegmentator task"),
     image: Path = typer.Option(..., "-i", "--input", help="one NIfTI image to segment (e.g. a CT)"),
@@ -225,7 +223,6 @@ def benchmark(
 
 
 @app.command("export-bundle")
-@user_errors
 def export_bundle(
     model: Path = typer.Argument(..., help="nnU-Net results folder (original or compressed by medslim)"),
     output: Path = typer.Option(..., "-o", "--output", help="new bundle folder (must not exist)"),
@@ -271,8 +268,9 @@ def print_report(report: dict) -> None:
 
 
 def main() -> None:
+    """The console script: every failure is one stderr line (see ``MedslimGroup``); exits."""
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")  # raised by importing torch_pruning
-    app()
+    app(prog_name="medslim")
 
 
 if __name__ == "__main__":

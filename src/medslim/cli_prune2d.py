@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from medslim.cli_common import console, out_console, user_errors
+from medslim.cli_common import console, out_console
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -32,7 +32,6 @@ def print_results(result: dict, out: Console) -> None:
     out.print(table)
 
 
-@user_errors
 def prune2d(
     model: str = typer.Argument(..., help="classifier checkpoint (medslim save_classifier .pt) or a torchvision name (random init)"),
     data: Path = typer.Option(..., "--data", help="MedMNIST .npz file (test split evaluated, train split fine-tunes)"),

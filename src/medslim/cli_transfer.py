@@ -1,6 +1,7 @@
 """``medslim transfer``: layer selection for transfer learning (thesis ch. 3, Algorithm 1).
 
-Thin shells over :mod:`medslim.transfer.command`; bad input → one stderr line, exit code 2.
+Thin shells over :mod:`medslim.transfer.command`; bad input → one stderr line, exit code 2
+(handled by the ``medslim`` app, :class:`medslim.cli_common.MedslimGroup`).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from medslim.cli_common import console, out_console, user_errors
+from medslim.cli_common import console, out_console
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -93,7 +94,6 @@ _O = dict(
 
 
 @transfer_app.command("select")
-@user_errors
 def select(
     source: str = typer.Argument(..., help=SOURCE_HELP),
     data: Path = _O["data"], output: Path = _O["output"],
@@ -125,7 +125,6 @@ def select(
 
 
 @transfer_app.command("run")
-@user_errors
 def run(
     source: str = typer.Argument(..., help=SOURCE_HELP),
     data: Path = _O["data"], output: Path = _O["output"],

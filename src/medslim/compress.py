@@ -20,7 +20,7 @@ from medslim.decompose.tucker import METHODS
 from medslim.errors import MedslimError
 from medslim.prune import PRUNE_SITES, PruneRecord, example_input, prunable_layers, prune_network
 from medslim.prune.sites import stem_output
-from medslim.score import ScoreContext, get_criterion
+from medslim.score import ScoreContext, check_criterion, get_criterion
 from medslim.spec import CompressionSpec
 
 Progress = Callable[[str, str], None]  # (stage, layer name)
@@ -77,7 +77,7 @@ class CompressConfig(CompressionSettings):
         if self.prune_site not in PRUNE_SITES:
             raise MedslimError(f"unknown prune site '{self.prune_site}'; choose one of {', '.join(PRUNE_SITES)}")
         self.rank_policy_fn()  # unknown policy → MedslimError now, not after minutes of work
-        get_criterion(self.criterion)
+        check_criterion(self.criterion, calibration=False)  # the pipeline has no calibration data
         ScoreContext(engine=self.engine)
 
     def rank_policy_fn(self):

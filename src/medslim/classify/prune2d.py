@@ -54,13 +54,13 @@ def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], 
     from medslim.measure import count_flops, count_parameters
     from medslim.prune.classifier import SCOPES, classifier_layers, prune_classifier
     from medslim.prune.classifier_io import save_pruned_classifier
-    from medslim.score import get_criterion
+    from medslim.score import check_criterion
     from medslim.score.input_map import hvs_input_map
 
     ratios = sorted(set(float(r) for r in ratios))
     if not ratios or any(not 0.0 <= r < 1.0 for r in ratios):
         raise MedslimError(f"pruning ratios must be in [0, 1), got {', '.join(str(r) for r in ratios) or 'none'}")
-    get_criterion(criterion)
+    check_criterion(criterion, calibration=False)  # prune_classifier gets no calibration batch
     if scope not in SCOPES:
         raise MedslimError(f"unknown scope '{scope}' (expected one of {', '.join(SCOPES)}){did_you_mean(scope, SCOPES)}")
     if finetune_epochs < 0:

@@ -89,7 +89,7 @@ def evaluate_command(pred: str | Path | None = None, ref: str | Path | None = No
 
             for which, m in (("pred", model), ("ref", ref_model)):
                 if m is not None:
-                    (console or Console(stderr=True)).print(f"predicting {img} with {m}")
+                    (console or Console(stderr=True)).print(f"predicting {img} with {m}", markup=False, highlight=False)
                     predict_folder(m, img, work / which, fold=fold)
             pred = work / "pred" if model is not None else pred
             ref = work / "ref" if ref_model is not None else ref

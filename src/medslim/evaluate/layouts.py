@@ -86,9 +86,15 @@ def dataset_json_class_map(path: str | Path) -> dict[int, str]:
 
 def _as_labels(data: np.ndarray, source: str) -> np.ndarray:
     """Integer copy-free view (or smallest unsigned cast) of a label volume."""
-    if data.dtype.kind == "f":
-        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.rint(data)):
-            raise MedslimError(f"{source} has non-integer values; expected a label map")
+    if data.dtype.kind == "f":  # float files with integral values (0.0, 1.0, 2.0) are fine
+        finite = np.isfinite(data)
+        if not finite.all():
+            raise MedslimError(f"{source} has NaN or infinite values ({int(data.size - finite.sum())} voxels); "
+                               f"expected a label map of integers ≥ 0")
+        fractional = data != np.rint(data)
+        if fractional.any():
+            raise MedslimError(f"{source} has non-integer values (e.g. {float(data[fractional][0]):g}); "
+                               f"expected a label map of integers ≥ 0")
     elif data.dtype.kind not in "iub":
         raise MedslimError(f"{source} has data type {data.dtype}; expected an integer label map")
     if data.size and data.min() < 0:

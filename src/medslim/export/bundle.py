@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from medslim.atomic import atomic_folder
+from medslim.atomic import atomic_folder, check_output_parent
 from medslim.errors import MedslimError
 from medslim.export.bundle_config import DIFFERENCES, inference_config
 from medslim.export.bundle_schema import SCHEMA_JSON, SCHEMA_NAME, SCHEMA_URL
@@ -172,6 +172,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, fold: int | str = 0,
     out = Path(out).expanduser().resolve()
     if out.exists():
         raise MedslimError(f"output {out} already exists; choose a new bundle folder")
+    check_output_parent(out)
     model = load_results_folder(model_dir, fold, checkpoint_name)
     if model.folder.resolve() in out.parents:
         raise MedslimError(f"output {out} is inside the model folder {model.folder}; choose another path")

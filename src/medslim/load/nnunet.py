@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -72,12 +72,31 @@ class NnUNetModel:
         return net.eval()
 
 
+def check_finite_weights(weights: Any, source: str | Path) -> None:
+    """Refuse a state dict with NaN or infinite values (they would flow into SVD and scoring).
+
+    Raises:
+        MedslimError: ``weights`` is not a mapping, or naming the first tensor with NaN/Inf
+            values and how many of its values are bad.
+    """
+    if not isinstance(weights, Mapping):
+        raise MedslimError(f"{source} is not an nnU-Net checkpoint ('network_weights' is a "
+                           f"{type(weights).__name__}, not a state dict)")
+    for name, t in weights.items():
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            nan = int(torch.isnan(t).sum())
+            inf = int((~torch.isfinite(t)).sum()) - nan
+            kinds = " and ".join(k for k, n in (("NaN", nan), ("infinite", inf)) if n)
+            raise MedslimError(f"checkpoint {source} has {kinds} values in '{name}' ({nan + inf} of {t.numel()}); "
+                               f"the weights are corrupt or training diverged: use another checkpoint")
+
+
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise MedslimError(f"{path.parent} is not an nnU-Net results folder: {what} is missing")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MedslimError(f"{path} is not valid JSON ({e})") from e
 
 
@@ -106,6 +125,7 @@ def load_results_folder(folder: str | Path, fold: int | str = 0,
         raise MedslimError(f"cannot read checkpoint {ckpt_path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt or "init_args" not in ckpt:
         raise MedslimError(f"{ckpt_path} is not an nnU-Net checkpoint (no 'network_weights'/'init_args')")
+    check_finite_weights(ckpt["network_weights"], ckpt_path)
     model = NnUNetModel(folder, plans, dataset_json, str(fold), ckpt_path, ckpt)
     name = model.configuration_name
     if name not in plans.get("configurations", {}):

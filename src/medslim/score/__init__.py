@@ -4,8 +4,8 @@
 """
 from medslim.score import baselines, hvs  # noqa: F401  (register the criteria)
 from medslim.score.propagate import Propagation, find_head, propagate
-from medslim.score.registry import (CRITERIA, Criterion, ScoreContext, get_criterion,
-                                    list_criteria, register_criterion)
+from medslim.score.registry import (CRITERIA, NEEDS_CALIBRATION, Criterion, ScoreContext, check_criterion,
+                                    get_criterion, list_criteria, register_criterion)
 
-__all__ = ["CRITERIA", "Criterion", "Propagation", "ScoreContext", "find_head", "get_criterion",
-           "list_criteria", "propagate", "register_criterion"]
+__all__ = ["CRITERIA", "NEEDS_CALIBRATION", "Criterion", "Propagation", "ScoreContext", "check_criterion",
+           "find_head", "get_criterion", "list_criteria", "propagate", "register_criterion"]

@@ -29,7 +29,7 @@ def nisp(model: nn.Module, layers: Sequence[str], ctx: ScoreContext) -> dict[str
     return finish(propagate(model, ctx, outputs_of=layers, rule="nisp").outputs, ctx)
 
 
-@register_criterion("hvs_data")
+@register_criterion("hvs_data", needs_calibration=True)
 def hvs_data(model: nn.Module, layers: Sequence[str], ctx: ScoreContext) -> dict[str, Tensor]:
     """Data-aware HVS (SPEC §2): ``π_ij = E|w_ij h_j| / Σ_k E|w_ik h_k|``, with ``E|h_c|`` the
     mean absolute input activation of each convolution/Linear over ``ctx.calibration``

@@ -21,6 +21,7 @@ ENGINES = ("channel", "spatial")
 REDUCTIONS = ("rms", "mean", "sum")
 
 CRITERIA: dict[str, Criterion] = {}
+NEEDS_CALIBRATION: set[str] = set()  # criteria that score with data (ScoreContext.calibration)
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,16 @@ class ScoreContext:
             object.__setattr__(self, "seed_classes", classes)
 
 
-def register_criterion(name: str) -> Callable[[Criterion], Criterion]:
-    """Decorator registering ``fn`` under ``name`` in :data:`CRITERIA`."""
+def register_criterion(name: str, *, needs_calibration: bool = False) -> Callable[[Criterion], Criterion]:
+    """Decorator registering ``fn`` under ``name`` in :data:`CRITERIA` (``needs_calibration``:
+    it scores with ``ScoreContext.calibration`` and fails without)."""
 
     def wrap(fn: Criterion) -> Criterion:
         if name in CRITERIA:
             raise ValueError(f"criterion '{name}' is already registered")
         CRITERIA[name] = fn
+        if needs_calibration:
+            NEEDS_CALIBRATION.add(name)
         return fn
 
     return wrap
@@ -97,6 +101,21 @@ def get_criterion(name: str) -> Criterion:
     except KeyError:
         raise MedslimError(f"unknown criterion '{name}' (available: {', '.join(list_criteria())})"
                            f"{did_you_mean(name, list(CRITERIA))}") from None
+
+
+def check_criterion(name: str, calibration: bool = False, option: str = "--criterion") -> Criterion:
+    """The criterion ``name``, checked before any work for a caller that has calibration data
+    (``calibration=True``) or not.
+
+    Raises:
+        MedslimError: unknown name, or a data-aware criterion (``hvs_data``) without calibration data.
+    """
+    fn = get_criterion(name)
+    if name in NEEDS_CALIBRATION and not calibration:
+        weight_only = [c for c in list_criteria() if c not in NEEDS_CALIBRATION]
+        raise MedslimError(f"{option} {name} needs calibration data, which this command does not take; "
+                           f"choose a weight-only criterion: {', '.join(weight_only)}")
+    return fn
 
 
 def list_criteria() -> list[str]:
