@@ -203,3 +203,17 @@ def test_channels_last_layout_keeps_outputs(reference, hippo_patch):
         got = fast(hippo_patch.contiguous(memory_format=fmt))
     assert got.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_truncated_image_in_folder_is_refused(reference_dir, images, tmp_path):
+    """SimpleITK reads a truncated .nii.gz as zeros; predict must refuse it, not write labels."""
+    folder = tmp_path / "images"
+    shutil.copytree(images, folder)
+    victim = sorted(folder.glob("*_0000.nii.gz"))[-1]
+    victim.write_bytes(victim.read_bytes()[:3000])
+    out = tmp_path / "pred"
+    for backend in ("auto", "nnunet"):
+        result = run_cli("predict", str(reference_dir), "-i", str(folder), "-o", str(out), "--backend", backend)
+        assert_user_error(result, out, f"{victim} is truncated")
+    result = run_cli("predict", str(reference_dir), "-i", str(victim), "-o", str(tmp_path / "seg.nii.gz"), "--ml")
+    assert_user_error(result, tmp_path / "seg.nii.gz", "is truncated")

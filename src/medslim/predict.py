@@ -27,6 +27,27 @@ def check_image_folder(images: str | Path) -> Path:
     return images
 
 
+def check_complete(image: Path) -> None:
+    """Refuse a truncated ``.nii.gz`` before any work: SimpleITK (nnU-Net's reader for many
+    plans) reads one silently, zero-filled, and the prediction would look valid. Streams the
+    gzip data once without keeping it (about 0.1 s per CT).
+
+    Raises:
+        MedslimError: the gzip stream ends early or is not gzip.
+    """
+    import gzip
+    import zlib
+
+    if not image.name.endswith(".gz"):
+        return
+    try:
+        with gzip.open(image, "rb") as f:
+            while f.read(1 << 22):
+                pass
+    except (EOFError, OSError, zlib.error) as e:
+        raise MedslimError(f"{image} is truncated or not a valid .nii.gz ({e}); re-export or re-copy it") from None
+
+
 #: ``backend`` values: the fast path's runtimes, or ``nnunet`` = nnU-Net's own predictor (PyTorch)
 PREDICT_BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "nnunet")
 
@@ -42,6 +63,8 @@ def predict_folder(model_dir: str | Path, images: str | Path, output: str | Path
     that network runtime (``auto``: the fastest installed). Both write what
     ``nnUNetv2_predict`` writes, plus its ``dataset.json``/``plans.json``."""
     images = check_image_folder(images)
+    for image in sorted(images.glob("*.nii.gz")):
+        check_complete(image)
     device = device or default_device()
     Path(output).mkdir(parents=True, exist_ok=True)
     if backend == "nnunet":
@@ -109,6 +132,7 @@ def segment_image(model_dir: str | Path, image: str | Path, output: str | Path, 
     if ml and not output.name.endswith((".nii", ".nii.gz")):
         raise MedslimError(f"with --ml the output is one file; give a .nii.gz name, not {output}")
     (check_output_file if ml else check_output_folder)(output, overwrite)
+    check_complete(image)
     try:
         img = nib.load(str(image))
         if len(img.shape) != 3:
