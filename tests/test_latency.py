@@ -14,7 +14,8 @@ from torch import nn
 from medslim import LayerRanks, MedslimError
 from medslim.compress import CompressConfig, compress_network
 from medslim.decompose import TuckerConv, decompose_network, eligible_convs, get_rank_policy
-from medslim.decompose.latency import (CACHE_ENV, LatencyCache, LayerTimer, _hooked_shapes, build_layer,
+from medslim.cache import CACHE_ENV
+from medslim.decompose.latency import (LatencyCache, LayerTimer, _hooked_shapes, build_layer,
                                        conv_input_shapes, device_key, layer_signature, measure_seconds)
 from medslim.decompose.ranks import LatencyBudgetRanks, LayerSite, greedy_budget, round_rank
 

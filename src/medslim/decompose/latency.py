@@ -32,11 +32,11 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from medslim.cache import cache_root
 from medslim.decompose.tucker import TuckerConv
 from medslim.errors import MedslimError
 from medslim.spec import LayerRanks
 
-CACHE_ENV = "MEDSLIM_CACHE"
 CACHE_FORMAT = 1
 
 # measure(module, input_shape, *, threads) -> seconds; ``measure_seconds`` or a test double
@@ -151,11 +151,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown-cpu"
-
-
-def cache_root() -> Path:
-    """``$MEDSLIM_CACHE`` or ``~/.cache/medslim``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "medslim").expanduser()
 
 
 class LatencyCache:

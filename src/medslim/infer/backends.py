@@ -109,6 +109,17 @@ def onnxruntime_runner(onnx_path: Path, patch_shape: Sequence[int], channels: in
     return run
 
 
+def exported_runner(backend: str, onnx_path: Path, patch_shape: Sequence[int], channels: int,
+                    options: RuntimeOptions) -> PatchRunner:
+    """The ``onnxruntime`` or ``openvino`` runner of an ONNX file (OpenVINO's compiled-model
+    cache beside medslim's ONNX cache)."""
+    if backend == "onnxruntime":
+        return onnxruntime_runner(onnx_path, patch_shape, channels, options)
+    from medslim.cache import cache_root
+
+    return openvino_runner(onnx_path, patch_shape, cache_root() / "openvino", options)
+
+
 def openvino_runner(onnx_path: Path, patch_shape: Sequence[int], cache_dir: Path | None,
                     options: RuntimeOptions) -> PatchRunner:
     """OpenVINO CPU plugin, latency mode, the model reshaped to the patch. ``f32`` must be asked

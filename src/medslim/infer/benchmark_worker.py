@@ -41,7 +41,7 @@ def main(job_json: str, report_path: str) -> None:
     net = model.build_network()
     shape = [1, model.num_input_channels, *model.patch_size]
     report = {"backend": predictor.backend, "stages": stages, "tiles": tiles, "patch": model.patch_size,
-              "peak_rss_mb": peak_rss_mb, "done_seconds": done,
+              "peak_rss_mb": peak_rss_mb,
               "params": count_parameters(net), "flops": count_flops(net, shape)}
     if job["profile"]:
         report["profile"] = profile_layers(predictor, net, shape)

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from medslim.infer.backends import RuntimeOptions, onnxruntime_runner, openvino_runner, resolve_backend
+from medslim.infer.backends import RuntimeOptions, exported_runner, resolve_backend
 
 
 def weights_key(network: nn.Module) -> str:
@@ -34,7 +34,7 @@ def compile_network(network: nn.Module, patch_shape: Sequence[int], backend: str
     Raises:
         MedslimError: unknown or not installed backend (see ``resolve_backend``).
     """
-    from medslim.infer.onnx_export import cache_root, cached_onnx
+    from medslim.infer.onnx_export import cached_onnx
     from medslim.prune import example_input
 
     device = torch.device(device)
@@ -46,9 +46,7 @@ def compile_network(network: nn.Module, patch_shape: Sequence[int], backend: str
     with torch.no_grad():
         channels = int(network(example).shape[1])
     path, _ = cached_onnx(lambda: network, lambda: example, f"net-{weights_key(network)}")
-    options = options or RuntimeOptions()
-    run = (onnxruntime_runner(path, patch_shape, channels, options) if name == "onnxruntime"
-           else openvino_runner(path, patch_shape, cache_root() / "openvino", options))
+    run = exported_runner(name, path, patch_shape, channels, options or RuntimeOptions())
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(run(x.detach().cpu().float().numpy()).copy()).to(x.device)

@@ -22,11 +22,8 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from medslim.cache import cache_root
 from medslim.errors import MedslimError
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MEDSLIM_CACHE", Path.home() / ".cache" / "medslim")).expanduser()
 
 
 def model_key(checkpoint: Path, architecture: Mapping[str, Any], input_channels: int) -> str:

@@ -113,7 +113,6 @@ def onnx_file(model, network=None, trunk_only: bool = False) -> Path:
 def _runner(model, network, backend: str, device: str, options: RuntimeOptions, onnx_path: Path | None,
             channels: int) -> PatchRunner:
     from medslim.infer import backends
-    from medslim.infer.onnx_export import cache_root
 
     patch_shape = [1, model.num_input_channels, *model.patch_size]
     if backend == "torch":
@@ -122,9 +121,7 @@ def _runner(model, network, backend: str, device: str, options: RuntimeOptions, 
         if options.threads:
             torch.set_num_threads(options.threads)
         return backends.torch_runner(network(), device)
-    if backend == "onnxruntime":
-        return backends.onnxruntime_runner(onnx_path, patch_shape, channels, options)
-    return backends.openvino_runner(onnx_path, patch_shape, cache_root() / "openvino", options)
+    return backends.exported_runner(backend, onnx_path, patch_shape, channels, options)
 
 
 def _export_example(model):
