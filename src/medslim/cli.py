@@ -138,11 +138,11 @@ def predict(
         check_output_folder(output.expanduser(), overwrite)
         with atomic_folder(output, overwrite) as tmp:
             predict_folder(loaded.folder, input, tmp, fold=loaded.fold, device=dev, checkpoint_name=checkpoint,
-                           backend=backend, options=options, mirroring=not disable_tta)
+                           backend=backend, options=options, mirroring=not disable_tta, model=loaded)
     else:
         segment_image(loaded.folder, input, output, ml=ml, fold=loaded.fold, device=dev, checkpoint_name=checkpoint,
                       roi_subset=[r.strip() for r in roi_subset.split(",") if r.strip()] if roi_subset else None,
-                      overwrite=overwrite, backend=backend, options=options, mirroring=not disable_tta)
+                      overwrite=overwrite, backend=backend, options=options, mirroring=not disable_tta, model=loaded)
     out_console.print(f"wrote {output}", highlight=False, soft_wrap=True)
 
 

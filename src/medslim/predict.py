@@ -48,20 +48,17 @@ def check_complete(image: Path) -> None:
         raise MedslimError(f"{image} is truncated or not a valid .nii.gz ({e}); re-export or re-copy it") from None
 
 
-#: ``backend`` values: the fast path's runtimes, or ``nnunet`` = nnU-Net's own predictor (PyTorch)
-PREDICT_BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "nnunet")
-
-
 def predict_folder(model_dir: str | Path, images: str | Path, output: str | Path, fold: str = "0",
                    device: torch.device | None = None, mirroring: bool = True,
                    checkpoint_name: str = "checkpoint_final.pth", backend: str = "auto",
-                   options=None) -> Path:
+                   options=None, model=None) -> Path:
     """Write ``output/<case>.nii.gz`` for every ``<case>_0000.nii.gz`` in ``images``.
 
     ``backend`` ``nnunet`` runs nnU-Net's predictor (``predict_from_files_sequential``: in
     this process, no workers); the others run medslim's fast path (``medslim.infer``) with
     that network runtime (``auto``: the fastest installed). Both write what
-    ``nnUNetv2_predict`` writes, plus its ``dataset.json``/``plans.json``."""
+    ``nnUNetv2_predict`` writes, plus its ``dataset.json``/``plans.json``. ``model``: the
+    folder's already loaded ``NnUNetModel`` (the checkpoint is then not read again)."""
     images = check_image_folder(images)
     for image in sorted(images.glob("*.nii.gz")):
         check_complete(image)
@@ -72,7 +69,7 @@ def predict_folder(model_dir: str | Path, images: str | Path, output: str | Path
     from medslim.infer import case_files, load_predictor, segment_files
 
     predictor = load_predictor(model_dir, fold, checkpoint_name, backend=backend, device=device.type,
-                               mirroring=mirroring, options=options)
+                               mirroring=mirroring, options=options, model=model)
     ending = predictor.model.dataset_json.get("file_ending", ".nii.gz")
     for case, files in case_files(images, predictor.model.num_input_channels, ending).items():
         segment_files(predictor, files, Path(output) / f"{case}{ending}")
@@ -98,7 +95,7 @@ def _predict_folder_nnunet(model_dir, images: Path, output, fold: str, device: t
 def segment_image(model_dir: str | Path, image: str | Path, output: str | Path, *, ml: bool = False,
                   roi_subset: Sequence[str] | None = None, fold: str = "0", device: torch.device | None = None,
                   checkpoint_name: str = "checkpoint_final.pth", overwrite: bool = False,
-                  backend: str = "auto", options=None, mirroring: bool = True) -> Path:
+                  backend: str = "auto", options=None, mirroring: bool = True, model=None) -> Path:
     """TotalSegmentator's outputs for one NIfTI image, from any nnU-Net results folder
     (e.g. ``medslim compress total_fast`` output): ``output/<structure>.nii.gz`` per class
     (uint8 0/1, named by the model's ``dataset.json``), or with ``ml`` one multi-label map at
@@ -107,7 +104,7 @@ def segment_image(model_dir: str | Path, image: str | Path, output: str | Path, 
     nnU-Net's predictor does the resampling to the model's spacing and back, and the
     reorientation its plans ask for (TotalSegmentator's plans: ``NibabelIOWithReorient``), so
     the prediction is what ``nnUNetv2_predict`` gives for this model (``backend``: see
-    ``predict_folder``). The input is only read;
+    ``predict_folder``; ``model``: the loaded folder, as there). The input is only read;
     the output appears complete or not at all.
 
     Raises:
@@ -152,7 +149,7 @@ def segment_image(model_dir: str | Path, image: str | Path, output: str | Path, 
             from medslim.infer import load_predictor, segment_files
 
             dst.mkdir()
-            predictor = load_predictor(model_dir, fold, checkpoint_name, backend=backend,
+            predictor = load_predictor(model_dir, fold, checkpoint_name, backend=backend, model=model,
                                        device=(device or default_device()).type, mirroring=mirroring, options=options)
             segment_files(predictor, [str(image)], dst / "image.nii.gz")
         seg = np.asarray(nib.load(str(dst / "image.nii.gz")).dataobj)
