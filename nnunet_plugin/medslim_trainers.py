@@ -15,6 +15,11 @@ the results folder's plans.json), builds the optimizer on the compressed paramet
 before nnU-Net loads the checkpoint. ``build_network_architecture`` rebuilds from plans, so
 stock ``nnUNetv2_predict`` loads the results (with ``nnUNet_extTrainer`` set, as for training).
 
+Distillation (``kd_weight`` > 0): the teacher is the ``-pretrained_weights`` network itself,
+frozen in eval mode, run on the same augmented batch; nnU-Net's loss is wrapped in
+``medslim.finetune.distill.DistillationLoss``. ``init="scratch"`` re-initialises the
+(compressed) network after compression: the train-from-scratch control.
+
 Settings: the trainer variant's fixed keys, ``MEDSLIM_CONFIG`` (a JSON file, see
 ``medslim.finetune.config``), ``MEDSLIM_EPOCHS``/``MEDSLIM_ITERS``/``MEDSLIM_SEED``; the resolved
 config is written to ``medslim_config.json`` in the results folder.
@@ -34,7 +39,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from medslim.errors import MedslimError
 from medslim.finetune.config import resolve_config
+from medslim.finetune.distill import DistillationLoss, frozen_copy
 from medslim.network import COMPRESSED_CLASS, is_compressed
+from medslim.score.registry import NEEDS_CALIBRATION
 from medslim.finetune.nnunet import (
     build_compressed,
     check_rebuild,
@@ -43,6 +50,7 @@ from medslim.finetune.nnunet import (
     load_full_weights,
     make_optimizer,
     pretrained_weights_arg,
+    reinitialize,
 )
 
 _CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
@@ -77,6 +85,9 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
         self.num_val_iterations_per_epoch, self.save_every = cfg.val_iterations, cfg.save_every
         self._medslim_pending = False
         self._medslim_report: dict = {}
+        self._medslim_teacher: torch.nn.Module | None = None
+        self._medslim_loaders = None
+        self._medslim_original = (self.plans_manager, self.configuration_manager)
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
@@ -126,6 +137,66 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
         load_full_weights(self._bare_network(), self._medslim_pretrained)
         self.print_to_log_file(f"medslim: loaded all tensors of {self._medslim_pretrained}")
 
+    def _build_loss(self):
+        loss = super()._build_loss()
+        cfg = self.medslim_config
+        if cfg.kd_weight == 0:
+            return loss
+        weights = getattr(loss, "weight_factors", None)
+        return DistillationLoss(loss, cfg.kd_weight, cfg.kd_temperature, weights, cfg.kd_levels)
+
+    def _build_teacher(self) -> torch.nn.Module:
+        """The original network with the pretrained weights, frozen (the KD teacher)."""
+        plans_manager, configuration_manager = self._medslim_original
+        net = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, self.num_input_channels,
+                                                       self.label_manager.num_segmentation_heads,
+                                                       self.enable_deep_supervision)
+        path = self._medslim_pretrained
+        record = join(self.output_folder_base, "medslim_config.json")
+        if path is None and isfile(record):
+            path = json.loads(Path(record).read_text()).get("pretrained_weights")
+        if path is None:
+            raise MedslimError("distillation needs the original model: pass -pretrained_weights")
+        load_full_weights(net, path)
+        cfg = self.medslim_config
+        self.print_to_log_file(f"medslim: distilling from {path} (λ {cfg.kd_weight:g}, T {cfg.kd_temperature:g}, "
+                               f"levels {cfg.kd_levels})")
+        return frozen_copy(net).to(self.device)
+
+    def train_step(self, batch: dict) -> dict:
+        if self._medslim_teacher is None:
+            return super().train_step(batch)
+        with torch.no_grad():
+            self.loss.teacher_output = self._medslim_teacher(batch["data"].to(self.device, non_blocking=True))
+        try:
+            return super().train_step(batch)
+        finally:
+            self.loss.teacher_output = None
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if self.medslim_config.final_validation:
+            return super().perform_actual_validation(save_probabilities)
+        self.print_to_log_file("medslim: final validation skipped (final_validation: false)")
+
+    def get_dataloaders(self):
+        """Loaders built early for calibration batches are handed to nnU-Net, not built twice."""
+        if self._medslim_loaders is not None:
+            loaders, self._medslim_loaders = self._medslim_loaders, None
+            return loaders
+        return super().get_dataloaders()
+
+    def _calibration_batches(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``calibration_batches`` augmented training batches: data ``[N, C, *patch]`` and
+        full-resolution labels ``[N, *patch]`` (data-aware criteria)."""
+        loader = getattr(self, "dataloader_train", None)
+        if loader is None:
+            self._medslim_loaders = super().get_dataloaders()
+            loader = self._medslim_loaders[0]
+        batches = [next(loader) for _ in range(self.medslim_config.calibration_batches)]
+        data = torch.cat([torch.as_tensor(b["data"]) for b in batches])
+        target = [b["target"][0] if isinstance(b["target"], list) else b["target"] for b in batches]
+        return data, torch.cat([torch.as_tensor(t)[:, 0].long() for t in target])
+
     def _do_i_compile(self) -> bool:
         return not self._medslim_pending and super()._do_i_compile()
 
@@ -138,13 +209,15 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
         """Compress the pretrained network, switch plans, build the optimizer."""
         cfg = self.medslim_config
         input_shape = [1, self.num_input_channels, *self.configuration_manager.patch_size]
-        net, report = compress_live(self._bare_network().cpu(), cfg, input_shape)
+        data_aware = cfg.prune_ratio > 0 and cfg.criterion in NEEDS_CALIBRATION
+        calibration = self._calibration_batches() if data_aware else (None, None)
+        net, report = compress_live(self._bare_network().cpu(), cfg, input_shape, *calibration)
         plans = compressed_plans(self.plans_manager.plans, self.configuration_name, net.spec)
         check_rebuild(net, plans, self.configuration_name, self.num_input_channels,
                       self.label_manager.num_segmentation_heads)
         self.plans_manager = PlansManager(plans)
         self.configuration_manager = self.plans_manager.get_configuration(self.configuration_name)
-        self.network = net.to(self.device)
+        self.network = (reinitialize(net) if cfg.init == "scratch" else net).to(self.device)
         self._medslim_pending = False
         if self._do_i_compile():
             self.network = torch.compile(self.network)
@@ -153,14 +226,63 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
         self.print_to_log_file(f"medslim: compressed {report['parameters_before']} → "
                                f"{report['parameters_after']} parameters ({cfg.compression().to_dict()})")
 
+    def on_epoch_start(self):
+        self._medslim_next_stage()
+        super().on_epoch_start()
+
+    def _medslim_next_stage(self) -> None:
+        """Iterative compression (``steps`` > 1): at a stage's first epoch, compress the live
+        network further, switch plans (plans.json rewritten), rebuild the optimizer."""
+        cfg = self.medslim_config
+        net = self._bare_network()
+        if not cfg.compress or cfg.steps == 1 or not hasattr(net, "spec"):
+            return
+        done = len(net.spec.provenance.get("stages", [None]))
+        if done >= cfg.steps or self.current_epoch < cfg.stage_epochs()[done]:
+            return
+        from medslim.recompress import compress_further
+
+        stage = cfg.stage_compression()
+        data_aware = stage.prune_ratio > 0 and stage.criterion in NEEDS_CALIBRATION
+        calibration = self._calibration_batches() if data_aware else (None, None)
+        input_shape = [1, self.num_input_channels, *self.configuration_manager.patch_size]
+        ds = net.decoder.deep_supervision
+        net.decoder.deep_supervision = False
+        try:
+            new = compress_further(net.cpu(), stage, cfg.df ** (1 / cfg.steps), input_shape, *calibration)
+        finally:
+            net.decoder.deep_supervision = ds
+        new.decoder.deep_supervision = ds
+        plans = compressed_plans(self._medslim_original[0].plans, self.configuration_name, new.spec)
+        check_rebuild(new, plans, self.configuration_name, self.num_input_channels,
+                      self.label_manager.num_segmentation_heads)
+        self.plans_manager = PlansManager(plans)
+        self.configuration_manager = self.plans_manager.get_configuration(self.configuration_name)
+        self.network = new.train().to(self.device)
+        if self._do_i_compile():
+            self.network = torch.compile(self.network)
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+        if self.local_rank == 0:
+            with open(join(self.output_folder_base, "plans.json"), "w") as f:
+                json.dump(plans, f, indent=4, sort_keys=False)
+        from medslim.measure import count_parameters
+
+        self.print_to_log_file(f"medslim: stage {done + 1}/{cfg.steps} at epoch {self.current_epoch}: "
+                               f"{count_parameters(net)} → {count_parameters(new)} parameters")
+
     def on_train_start(self):
         if not self.was_initialized:
             self.initialize()
         compressing = self._medslim_pending
+        cfg = self.medslim_config
         if compressing:
             self._medslim_compress()
+        elif cfg.init == "scratch" and not self._resuming_from_checkpoint():
+            reinitialize(self._bare_network())
+        if cfg.kd_weight > 0:
+            self._medslim_teacher = self._build_teacher()
         super().on_train_start()  # writes plans.json from self.plans_manager (compressed)
-        if compressing:
+        if compressing and cfg.steps == 1:  # with stages it would not match the final plans
             # saved only now: nnU-Net sets inference_allowed_mirroring_axes while building the
             # dataloaders, and a checkpoint saved earlier predicts without test-time mirroring
             os.makedirs(self.output_folder, exist_ok=True)
@@ -182,6 +304,27 @@ class nnUNetTrainerMedslimControl(nnUNetTrainerMedslim):
     """The control: the identical fine-tune on the uncompressed pretrained model."""
 
     medslim_fixed: ClassVar[dict] = {"compress": False}
+
+
+class nnUNetTrainerMedslimKD(nnUNetTrainerMedslim):
+    """Compress, then fine-tune with distillation from the original (λ = 1, T = 1, every
+    deep-supervision level) on nnU-Net's own recipe (SGD, lr 1e-2, poly, 1,000 updates)."""
+
+    medslim_fixed: ClassVar[dict] = {"schedule": "nnunet", "kd_weight": 1.0}
+
+
+class nnUNetTrainerMedslimKDControl(nnUNetTrainerMedslim):
+    """The control of ``nnUNetTrainerMedslimKD``: the identical fine-tune (distillation from
+    itself included) on the uncompressed model."""
+
+    medslim_fixed: ClassVar[dict] = {"schedule": "nnunet", "kd_weight": 1.0, "compress": False}
+
+
+class nnUNetTrainerMedslimScratch(nnUNetTrainerMedslim):
+    """The compressed architecture (same ranks and kept channels) trained from random init
+    with nnU-Net's own recipe (1,000 updates; MEDSLIM_EPOCHS=40 gives the original's 2,000)."""
+
+    medslim_fixed: ClassVar[dict] = {"schedule": "nnunet", "init": "scratch"}
 
 
 class nnUNetTrainerMedslimWeber(nnUNetTrainerMedslim):

@@ -12,4 +12,4 @@ QUIET=(-q)
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install "${QUIET[@]}" --upgrade pip
 .venv/bin/python -m pip install "${QUIET[@]}" "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install "${QUIET[@]}" -e ".[test,fast]"
+.venv/bin/python -m pip install "${QUIET[@]}" -e ".[test,fast,sweep]"

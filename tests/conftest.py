@@ -54,6 +54,22 @@ def hippo_patch(reference) -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
+def hippocampus_nnunet(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """nnU-Net raw/preprocessed folders of the reference task (``prepare_hippocampus``), built
+    once per session. nnU-Net's final validation predicts every validation case, so fold 0
+    keeps 4 of its validation cases; training still samples all 128 training cases."""
+    from medslim.finetune.hippocampus import DATASET, prepare_hippocampus
+
+    work = tmp_path_factory.mktemp("nnunet")
+    env = prepare_hippocampus(HIPPO, REPO / "configs" / "hippocampus_split.json", work)
+    splits_file = work / "nnUNet_preprocessed" / DATASET / "splits_final.json"
+    splits = json.loads(splits_file.read_text())
+    splits[0]["val"] = splits[0]["val"][:4]
+    splits_file.write_text(json.dumps(splits))
+    return work, env
+
+
+@pytest.fixture(scope="session")
 def totalseg_dir(tmp_path_factory) -> Path:
     from medslim.load.totalseg import write_totalseg_standin
 
@@ -93,3 +109,20 @@ def assert_user_error(result, out: Path, match: str) -> None:
     assert "Traceback" not in result.output
     assert not out.exists()
     assert not list(out.parent.glob(f".{out.name}.*")), "temporary folder left behind"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    small linear algebra gains nothing from threads, and next to another busy process OpenMP
+    spinning makes it ~40x slower (measured 3 s vs 0.07 s per decomposition)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def reference_net(reference) -> torch.nn.Module:
+    """The reference network in eval mode, deep supervision off; tests must not modify it."""
+    return reference.build_network().eval()

@@ -55,6 +55,7 @@ def test_compress_writes_folder_and_keeps_input(reference_dir, tmp_path):
     (["--prune", "-0.1"], "--prune must be in [0, 1)"),
     (["--criterion", "hsv"], "did you mean 'hvs'"),
     (["--prune-site", "inner"], "prune site"),
+    (["--selection", "globl"], "unknown --selection 'globl'; did you mean 'global'"),
 ])
 def test_bad_options(reference_dir, tmp_path, args, match):
     out = tmp_path / "out"

@@ -70,14 +70,7 @@ def rel_max_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small linear algebra gains nothing from threads, and next to another busy process
-    OpenMP spinning makes it ~40x slower (measured 3 s vs 0.07 s per decomposition)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

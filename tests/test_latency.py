@@ -17,15 +17,11 @@ from medslim.decompose import TuckerConv, decompose_network, eligible_convs, get
 from medslim.cache import CACHE_ENV
 from medslim.decompose.latency import (LatencyCache, LayerTimer, _hooked_shapes, build_layer,
                                        conv_input_shapes, device_key, layer_signature, measure_seconds)
-from medslim.decompose.ranks import LatencyBudgetRanks, LayerSite, greedy_budget, round_rank
+from medslim.decompose.budget_ranks import LatencyBudgetRanks, greedy_budget
+from medslim.decompose.ranks import LayerSite, round_rank
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HIPPO, REPO
+from conftest import REPO
 
 from medslim.errors import MedslimError
 from medslim.evaluate import mean_dice_folder
 from medslim.finetune import SCHEDULES, resolve_config
-from medslim.finetune.hippocampus import DATASET, PLANS, prepare_hippocampus
+from medslim.finetune.hippocampus import DATASET, PLANS
 from medslim.network import COMPRESSED_CLASS
 from medslim.finetune.nnunet import (
     load_full_weights,
@@ -43,20 +43,13 @@ def predict(env: dict[str, str], trainer: str, images: Path, out: Path, checkpoi
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    work = tmp_path_factory.mktemp("nnunet")
-    env = prepare_hippocampus(HIPPO, REPO / "configs" / "hippocampus_split.json", work)
-    # nnU-Net's final validation predicts every validation case (~2 min for 32 on a busy CPU):
-    # keep 4 of fold 0's validation cases; training still samples all 128 training cases.
-    splits_file = work / "nnUNet_preprocessed" / DATASET / "splits_final.json"
-    splits = json.loads(splits_file.read_text())
-    splits[0]["val"] = splits[0]["val"][:4]
-    splits_file.write_text(json.dumps(splits))
+def workdir(hippocampus_nnunet) -> tuple[Path, dict[str, str]]:
+    work, env = hippocampus_nnunet
     config = work / "finetune.json"
     # The thesis schedule (Adam, lr 1e-4) with a tiny budget: 2 epochs x 6 updates.
     config.write_text(json.dumps({"epochs": 2, "iterations": 6,
                                   "val_iterations": 1, "dataset_name": DATASET, "plans_name": PLANS}))
-    env.update(nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1", MEDSLIM_CONFIG=str(config), OMP_NUM_THREADS="2")
+    env = dict(env, nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1", MEDSLIM_CONFIG=str(config), OMP_NUM_THREADS="2")
     return work, env
 
 
@@ -146,6 +139,59 @@ def test_control_finetunes_the_uncompressed_model(workdir):
 
 
 @pytest.mark.slow
+def test_kd_trainer_distills_from_the_pretrained_model(workdir):
+    work, env = workdir
+    trainer = "nnUNetTrainerMedslimKD"
+    run = train(dict(env, MEDSLIM_EPOCHS="1", MEDSLIM_ITERS="2"), trainer, "-pretrained_weights", str(CKPT))
+    assert run.returncode == 0, run.stderr[-3000:]
+    folder = work / "nnUNet_results" / DATASET / f"{trainer}__{PLANS}__3d_fullres"
+    config = json.loads((folder / "medslim_config.json").read_text())["config"]
+    assert (config["kd_weight"], config["optimizer"], config["lr_schedule"]) == (1.0, "sgd", "poly")
+    log = next((folder / "fold_0").glob("training_log_*.txt")).read_text()
+    assert f"medslim: distilling from {CKPT}" in log and "λ 1" in log
+
+
+@pytest.mark.slow
+def test_iterative_trainer_compresses_in_stages_and_rebuilds_from_its_plans(workdir, tmp_path):
+    work, env = workdir
+    config = tmp_path / "steps.json"
+    config.write_text(json.dumps({"epochs": 2, "iterations": 1, "val_iterations": 1, "df": 0.25, "steps": 2,
+                                  "final_validation": False}))
+    results = tmp_path / "results"
+    run = train(dict(env, MEDSLIM_CONFIG=str(config), nnUNet_results=str(results)), TRAINER,
+                "-pretrained_weights", str(CKPT))
+    assert run.returncode == 0, run.stderr[-3000:]
+    folder = results / DATASET / f"{TRAINER}__{PLANS}__3d_fullres"
+    log = next((folder / "fold_0").glob("training_log_*.txt")).read_text()
+    assert "medslim: stage 2/2 at epoch 1" in log
+    from medslim.load import load_results_folder
+    model = load_results_folder(folder, "0")  # plans.json of the last stage rebuild the checkpoint
+    spec = model.architecture["arch_kwargs"]["compression"]
+    assert len(spec["provenance"]["stages"]) == 2
+    stage1 = json.loads((folder / "medslim_config.json").read_text())["compression_report"]
+    params = sum(p.numel() for p in model.build_network().parameters())
+    assert params < 0.5 * stage1["parameters_after"]  # stage 2 shrank the stage-1 network again
+    assert not (folder / "fold_0" / "checkpoint_compressed.pth").exists()
+
+
+@pytest.mark.slow
+def test_scratch_trainer_keeps_the_architecture_and_redraws_the_weights(workdir, trained):
+    work, env = workdir
+    trainer = "nnUNetTrainerMedslimScratch"
+    run = train(dict(env, MEDSLIM_EPOCHS="1", MEDSLIM_ITERS="1"), trainer, "-pretrained_weights", str(CKPT))
+    assert run.returncode == 0, run.stderr[-3000:]
+    folder = work / "nnUNet_results" / DATASET / f"{trainer}__{PLANS}__3d_fullres" / "fold_0"
+    scratch = torch.load(folder / "checkpoint_compressed.pth", map_location="cpu", weights_only=False)["network_weights"]
+    pretrained = torch.load(trained / "fold_0" / "checkpoint_compressed.pth", map_location="cpu",
+                            weights_only=False)["network_weights"]
+    assert {k: v.shape for k, v in scratch.items()} == {k: v.shape for k, v in pretrained.items()}
+    convs = [k for k, v in scratch.items() if k.endswith("weight") and v.dim() == 5]
+    assert convs and all(not torch.equal(scratch[k], pretrained[k]) for k in convs)
+    norms = [k for k, v in scratch.items() if ".norm." in k and k.endswith("weight")]
+    assert norms and all(torch.equal(scratch[k], torch.ones_like(scratch[k])) for k in norms)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("problem, extra, config, message", [
     ("missing weights", [], None, "pass -pretrained_weights"),
     ("weights file absent", ["-pretrained_weights", "/nonexistent/checkpoint_final.pth"], None, "does not exist"),
@@ -192,7 +238,13 @@ def test_schedules_and_overrides(tmp_path):
     assert (env.epochs, env.iterations, env.lr) == (3, 7, 1e-5)
     control = resolve_config({"compress": False})
     assert control.to_dict()["compression"] is None and control.updates == thesis.updates
-    assert set(SCHEDULES) == {"thesis", "weber"}
+    assert set(SCHEDULES) == {"thesis", "weber", "nnunet"}
+    staged = resolve_config({"schedule": "nnunet", "steps": 2, "df": 0.25, "prune_ratio": 0.75})
+    stage = staged.stage_compression()
+    assert (stage.df, stage.prune_ratio, staged.stage_epochs()) == (0.5, 0.5, [0, 10])
+    assert resolve_config().stage_compression() == resolve_config().compression()
+    nnunet = resolve_config({"schedule": "nnunet"})
+    assert (nnunet.optimizer, nnunet.lr, nnunet.lr_schedule, nnunet.updates) == ("sgd", 1e-2, "poly", 1000)
 
 
 @pytest.mark.parametrize("config, message", [
@@ -202,6 +254,12 @@ def test_schedules_and_overrides(tmp_path):
     ({"criterion": "magic"}, "magic"),
     ({"prune_site": "nowhere"}, "unknown prune site"),
     ({"schedule": "fast"}, "unknown schedule 'fast'"),
+    ({"kd_weight": -1}, "kd_weight must be >= 0"),
+    ({"kd_temperature": 0}, "kd_temperature must be > 0"),
+    ({"kd_levels": "middle"}, "unknown kd_levels 'middle'"),
+    ({"init": "zeros"}, "unknown init 'zeros'"),
+    ({"steps": 5, "epochs": 4}, "steps (5) must not exceed epochs (4)"),
+    ({"steps": 2, "prune_site": "rank"}, "supports prune_site 'outer' only"),
     ({"prune_ratio": 0.3}, "the trainer fixes prune_ratio=0.5"),
 ])
 def test_config_errors(tmp_path, config, message):

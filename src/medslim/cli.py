@@ -14,6 +14,7 @@ import typer
 
 from medslim.cli_common import MedslimGroup, console, global_options, out_console
 from medslim.cli_prune2d import prune2d
+from medslim.cli_sweep import sweep
 from medslim.cli_transfer import transfer_app
 from medslim.errors import MedslimError
 
@@ -28,12 +29,17 @@ def compress(
     model: str = typer.Argument(..., help="nnU-Net results folder, or a TotalSegmentator task (total_fast, total_part1..5)"),
     output: Path = typer.Option(..., "-o", "--output", help="new results folder to write"),
     df: float = typer.Option(0.3, "--df", help="rank ratio DF in (0, 1] (thesis: 'downsampling factor')"),
-    prune: float = typer.Option(0.5, "--prune", help="fraction ρ of channels removed per layer, in [0, 1)"),
-    criterion: str = typer.Option("hvs", "--criterion", help="hvs | nisp | l1 | l2 | consumer_l1 | random"),
+    prune: float = typer.Option(0.5, "--prune", help="fraction ρ of channels removed (per layer, or of all candidates with --selection global), in [0, 1)"),
+    criterion: str = typer.Option("hvs", "--criterion", help="hvs | nisp | l1 | l2 | consumer_l1 | random | hvs_data, taylor (need --calibration)"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="folder of nnU-Net images (<case>_0000.nii.gz) for data-aware criteria"),
+    calibration_patches: int = typer.Option(8, "--calibration-patches", help="patches cut from --calibration (seeded by --seed)"),
     prune_site: str = typer.Option("outer", "--prune-site", help="outer | rank | all"),
-    rank_policy: str = typer.Option("df", "--rank-policy", help="df | energy | latency"),
+    selection: str = typer.Option("layer", "--selection", help="layer: remove ρ per layer | global: ρ of all candidate channels, ranked together"),
+    rank_policy: str = typer.Option("df", "--rank-policy", help="df | energy | latency | budget | vbmf"),
     energy: float = typer.Option(0.9, "--energy", help="spectral energy kept per mode (rank policy 'energy')"),
     latency_budget: float = typer.Option(0.5, "--latency-budget", help="rank policy 'latency': conv time as a fraction of the dense convs' measured time"),
+    budget: float = typer.Option(0.1, "--budget", help="rank policy 'budget': parameters or FLOPs of the decomposable convs as a fraction of dense"),
+    budget_target: str = typer.Option("params", "--budget-target", help="params | flops (rank policy 'budget')"),
     rank_multiple: int = typer.Option(1, "--rank-multiple", help="round ranks up to a multiple (8 suits CPU SIMD)"),
     guard: str = typer.Option("params", "--guard", help="decompose a layer only if it gets smaller: params | params+flops | latency (measured faster here) | none"),
     method: str = typer.Option("hosvd", "--method", help="hosvd | hooi"),
@@ -54,10 +60,17 @@ def compress(
     config = CompressConfig(df=df, prune_ratio=prune, criterion=criterion, prune_site=prune_site,
                             rank_policy=rank_policy, energy=energy, method=method, engine=engine,
                             rank_min=rank_min, seed=seed, latency_budget=latency_budget,
-                            rank_multiple=rank_multiple, guard=None if guard == "none" else guard)
+                            rank_multiple=rank_multiple, guard=None if guard == "none" else guard,
+                            budget=budget, budget_target=budget_target, selection=selection,
+                            with_calibration=calibration is not None)
     check_output_folder(output.expanduser(), overwrite)
     loaded = load_model(model, fold, checkpoint)
-    report = compress_model(loaded, config, output, overwrite=overwrite, console=console)
+    patches = None
+    if calibration is not None:
+        from medslim.score.calibration import calibration_patches as cut_patches
+
+        patches = cut_patches(loaded, calibration, calibration_patches, seed)
+    report = compress_model(loaded, config, output, overwrite=overwrite, console=console, calibration=patches)
     print_report(report)
     out_console.print(f"wrote {output}")
 
@@ -65,19 +78,26 @@ def compress(
 @app.command()
 def demo(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the compressed model (default: a temp folder)"),
-    df: float = typer.Option(0.3, "--df"),
-    prune: float = typer.Option(0.5, "--prune"),
+    df: Optional[float] = typer.Option(None, "--df", help="default: the embedded compressed model's DF"),
+    prune: Optional[float] = typer.Option(None, "--prune", help="default: the embedded compressed model's ρ"),
 ) -> None:
-    """Compress the embedded reference model (nnU-Net, MSD Hippocampus) and segment its demo
-    cases with the original and the compressed model."""
+    """Compress the embedded reference model (nnU-Net, MSD Hippocampus), then segment its demo
+    cases with the original, the compressed model before fine-tuning, and the embedded
+    compressed + fine-tuned model: Dice, NSD at 1 mm, parameters, FLOPs."""
+    from rich.table import Table
+
     from medslim.api import run_demo
 
     report = run_demo(output, df=df, prune=prune, console=console)
     print_report(report)
-    dice = report["demo_dice"]
-    out_console.print(
-        f"Dice on {len(dice['cases'])} embedded test cases (no fine-tuning): original {dice['original']:.3f}, "
-        f"compressed {dice['compressed']:.3f}")
+    demo = report["demo"]
+    table = Table(title=f"{len(demo['cases'])} embedded test cases (never used in training)")
+    for col in ("model", "Dice", "NSD @1 mm", "params", "FLOPs/patch"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for row in demo["models"]:
+        table.add_row(row["model"], f"{row['dice']:.3f}", f"{row['nsd1']:.3f}", f"{row['params']:,}",
+                      f"{row['flops'] / 1e9:.2f} G")
+    out_console.print(table)
 
 
 @app.command()
@@ -222,6 +242,20 @@ def benchmark(
         out_console.print(f"wrote {output}")
 
 
+@app.command()
+def report(
+    sweep_dir: Path = typer.Argument(..., help="sweep folder written by medslim sweep (sweep.json, cells/)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="folder for the report (default: SWEEP_DIR)"),
+) -> None:
+    """Write report.md and a self-contained report.html (cells, per-group mean ± std and paired Δ
+    vs the control, Pareto fronts, per-layer ranks, per-class scores, failures) for a sweep."""
+    from medslim.report import write_report
+
+    paths = write_report(sweep_dir, output)
+    out_console.print(f"wrote {paths['markdown']}, {paths['html']} and {paths['figures']}/", highlight=False,
+                      soft_wrap=True)
+
+
 @app.command("export-bundle")
 def export_bundle(
     model: Path = typer.Argument(..., help="nnU-Net results folder (original or compressed by medslim)"),
@@ -245,6 +279,7 @@ def nnunet_path() -> None:
 
 
 app.command("prune2d")(prune2d)
+app.command("sweep")(sweep)
 app.add_typer(transfer_app, name="transfer", help="Layer selection for transfer learning (thesis ch. 3): select | run.")
 
 

@@ -1,5 +1,6 @@
 """The compression pipeline (SPEC §4, Algorithm 2 without the fine-tune):
-decompose every eligible conv → score channels on the decomposed network → prune ρ per layer.
+decompose every eligible conv → score channels on the decomposed network → prune ρ per layer
+(or ρ of all candidate channels, ranked globally).
 
 Data flows one way: ``CompressConfig`` (validated up front) + a network → ``Compressed``
 (the new network, its ``CompressionSpec`` and the records of what each stage did).
@@ -10,15 +11,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from medslim.decompose import decompose_network, get_rank_policy
 from medslim.decompose.apply import GUARDS, DecompositionRecord
+from medslim.decompose.budget_ranks import BUDGET_TARGETS
 from medslim.decompose.latency import LayerTimer
 from medslim.decompose.ranks import check_rank_multiple
 from medslim.decompose.tucker import METHODS
 from medslim.errors import MedslimError
-from medslim.prune import PRUNE_SITES, PruneRecord, example_input, prunable_layers, prune_network
+from medslim.prune import PRUNE_SITES, PruneRecord, check_selection, example_input, prunable_layers, prune_network
 from medslim.prune.sites import stem_output
 from medslim.score import ScoreContext, check_criterion, get_criterion
 from medslim.spec import CompressionSpec
@@ -34,12 +36,19 @@ class CompressionSettings:
     removed per layer. ``rank_multiple`` rounds every rank up to a multiple (capped at C).
     ``latency_budget`` (rank policy ``latency``) is the target time of the decomposable convs
     as a fraction of their measured dense time; ``guard="latency"`` keeps a layer dense unless
-    its Tucker form is measured faster (both measure on this machine, cached per device)."""
+    its Tucker form is measured faster (both measure on this machine, cached per device).
+    ``budget`` (rank policy ``budget``) is the target parameters or FLOPs (``budget_target``)
+    of the decomposable convs as a fraction of their dense total. ``selection``: ``"layer"``
+    removes ρ of each layer's (group's) channels; ``"global"`` ranks the L2-normalised scores
+    of all candidate channels together and removes ρ of them, at least one kept per group
+    (``medslim.prune.select.global_keep_counts``: wide layers lose more)."""
 
     df: float = 0.3
     rank_policy: str = "df"
     energy: float = 0.9
     latency_budget: float = 0.5
+    budget: float = 0.1
+    budget_target: str = "params"
     rank_min: int = 1
     rank_multiple: int = 1
     method: str = "hosvd"
@@ -49,13 +58,18 @@ class CompressionSettings:
     engine: str = "channel"
     prune_site: str = "outer"
     prune_stem: bool = False
+    selection: str = "layer"
 
 
 @dataclass(frozen=True)
 class CompressConfig(CompressionSettings):
-    """How to compress: validated settings + the seed (``random`` criterion)."""
+    """How to compress: validated settings + the seed (``random`` criterion).
+    ``with_calibration``: the caller will pass calibration patches to ``compress_network``, so
+    a data-aware criterion (``hvs_data``, ``taylor``) is accepted here; without, it fails now
+    (unless ``prune_ratio`` is 0: nothing is scored)."""
 
     seed: int = 0
+    with_calibration: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.df <= 1.0:
@@ -67,6 +81,12 @@ class CompressConfig(CompressionSettings):
         if isinstance(self.latency_budget, bool) or not 0.0 < self.latency_budget <= 1.0:
             raise MedslimError(f"--latency-budget must be in (0, 1] (a fraction of the dense convs' measured time), "
                                f"got {self.latency_budget}")
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0.0 < self.budget <= 1.0:
+            raise MedslimError(f"--budget must be in (0, 1] (a fraction of the dense convs' {self.budget_target}), "
+                               f"got {self.budget}")
+        if self.budget_target not in BUDGET_TARGETS:
+            raise MedslimError(f"unknown --budget-target '{self.budget_target}'; "
+                               f"choose one of {', '.join(BUDGET_TARGETS)}")
         if isinstance(self.rank_min, bool) or not isinstance(self.rank_min, int) or self.rank_min < 1:
             raise MedslimError(f"--rank-min must be an integer ≥ 1, got {self.rank_min!r}")
         check_rank_multiple(self.rank_multiple)
@@ -76,13 +96,21 @@ class CompressConfig(CompressionSettings):
             raise MedslimError(f"unknown decomposition method '{self.method}'; choose one of {', '.join(METHODS)}")
         if self.prune_site not in PRUNE_SITES:
             raise MedslimError(f"unknown prune site '{self.prune_site}'; choose one of {', '.join(PRUNE_SITES)}")
+        check_selection(self.selection)
         self.rank_policy_fn()  # unknown policy → MedslimError now, not after minutes of work
-        check_criterion(self.criterion, calibration=False)  # the pipeline has no calibration data
+        self.check_calibration(self.with_calibration)
         ScoreContext(engine=self.engine)
+
+    def check_calibration(self, calibration: bool) -> None:
+        """``MedslimError`` if channels are scored (``prune_ratio > 0``) by a criterion that
+        needs calibration data and ``calibration`` is false."""
+        check_criterion(self.criterion, calibration=calibration or self.prune_ratio == 0,
+                        hint="given by --calibration IMAGES (compress_network(calibration=...) in Python)")
 
     def rank_policy_fn(self):
         params = {"df": {"df": self.df}, "energy": {"energy": self.energy},
-                  "latency": {"budget": self.latency_budget}}.get(self.rank_policy, {})
+                  "latency": {"budget": self.latency_budget},
+                  "budget": {"budget": self.budget, "target": self.budget_target}}.get(self.rank_policy, {})
         return get_rank_policy(self.rank_policy, **params)
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,18 +127,26 @@ class Compressed:
 
 
 def compress_network(net: nn.Module, config: CompressConfig, input_shape: Sequence[int],
-                     progress: Progress | None = None, timer: LayerTimer | None = None) -> Compressed:
+                     progress: Progress | None = None, timer: LayerTimer | None = None,
+                     calibration: Tensor | None = None, calibration_target: Tensor | None = None) -> Compressed:
     """Compress a copy of ``net`` (a ``PlainConvUNet``/``ResidualEncoderUNet``; not modified).
 
     Args:
         net: the trained network, deep supervision off.
         config: validated settings.
         input_shape: ``[1, C_in, *patch]``, the nnU-Net patch (HVS ``spatial`` engine, FLOPs,
-            the layers' input shapes for the ``latency`` guard and rank policy).
+            the layers' input shapes for the ``latency``/``budget`` rank policies and guard).
         timer: measures layer latency (default ``LayerTimer()``: this machine, cached per device).
+        calibration: ``[B, C_in, *patch]`` patches for data-aware criteria (``hvs_data``,
+            ``taylor``; e.g. ``medslim.score.calibration.calibration_patches``).
+        calibration_target: ``[B, *patch]`` integer labels of ``calibration`` (``taylor``'s
+            loss; default: the model's own argmax).
     Returns:
         ``Compressed`` with the new network (eval mode) and its spec.
+    Raises:
+        MedslimError: a data-aware criterion without ``calibration`` (before any work).
     """
+    config.check_calibration(calibration is not None)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     decomposed, drec = decompose_network(
@@ -122,7 +158,8 @@ def compress_network(net: nn.Module, config: CompressConfig, input_shape: Sequen
     t = time.perf_counter()
     layers = prunable_layers(decomposed, config.prune_site, prune_stem=config.prune_stem)
     if config.prune_ratio > 0 and layers:
-        ctx = ScoreContext(input_shape=tuple(input_shape), engine=config.engine, seed=config.seed)
+        ctx = ScoreContext(input_shape=tuple(input_shape), engine=config.engine, seed=config.seed,
+                           calibration=calibration, calibration_target=calibration_target)
         scores = get_criterion(config.criterion)(decomposed.eval(), layers, ctx)
     else:
         scores = {}
@@ -132,7 +169,8 @@ def compress_network(net: nn.Module, config: CompressConfig, input_shape: Sequen
     example = example_input(decomposed, int(input_shape[1]), ndim=len(input_shape) - 2)
     protect = () if config.prune_stem else (stem_output(decomposed),)
     pruned, prec = prune_network(decomposed, layers if scores else [], scores, config.prune_ratio, example,
-                                 protect=protect, progress=(lambda name: progress("prune", name)) if progress else None)
+                                 protect=protect, progress=(lambda name: progress("prune", name)) if progress else None,
+                                 selection=config.selection)
     seconds["prune"] = time.perf_counter() - t
 
     spec = CompressionSpec(ranks=drec.ranks, kept=prec.kept,

@@ -1,6 +1,10 @@
-"""Tucker-2 decomposition of convolutions (SPEC §1): factors, rank policies, whole networks."""
+"""Tucker-2 decomposition of convolutions (SPEC §1): factors, rank policies, whole networks.
+
+Importing this package registers every rank policy (``ranks``: df, energy; ``budget_ranks``:
+latency, budget; ``vbmf``: vbmf)."""
 from medslim.decompose.apply import (DecompositionRecord, LayerRecord, apply_ranks, decompose_network,
                                      eligible_convs, stem_name, tucker_params)
+from medslim.decompose import budget_ranks, vbmf  # noqa: F401  (registers latency, budget, vbmf)
 from medslim.decompose.ranks import RANK_POLICIES, get_rank_policy, register_rank_policy
 from medslim.decompose.tucker import Tucker2Factors, TuckerConv, tucker2_factors
 

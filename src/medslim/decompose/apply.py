@@ -127,13 +127,14 @@ def decompose_network(net: nn.Module, policy: Callable[..., LayerRanks], *, meth
     ``guard``: ``"params"`` replaces a layer only if that lowers its parameter count,
     ``"params+flops"`` also its MACs, ``"latency"`` only if its Tucker form is measurably
     faster than the dense conv at the layer's input shape for ``input_shape``, ``None``
-    always (DF = 1 sanity check). Latency (guard or policy) is measured by ``timer``
-    (default: ``LayerTimer()``, cached per device under ``$MEDSLIM_CACHE``) and needs
+    always (DF = 1 sanity check). Latency (the ``latency`` guard, or a policy with
+    ``measures_latency``) is measured by ``timer`` (default: ``LayerTimer()``, cached per
+    device under ``$MEDSLIM_CACHE``); it and every network-level policy need
     ``input_shape = [1, C_in, *patch]``. ``progress(name)`` is called before each layer.
 
     Raises:
         MedslimError: unknown ``method``/``guard``, ``rank_min < 1``, ``rank_multiple < 1``,
-            latency needed without ``input_shape``, or see ``eligible_convs``.
+            latency or a network-level policy without ``input_shape``, or see ``eligible_convs``.
     """
     if method not in METHODS:
         raise MedslimError(f"unknown decomposition method '{method}'{did_you_mean(method, [m for m in METHODS if m])}; "
@@ -145,10 +146,10 @@ def decompose_network(net: nn.Module, policy: Callable[..., LayerRanks], *, meth
         raise MedslimError(f"rank_min must be a positive integer, got {rank_min!r}")
     check_rank_multiple(rank_multiple)
     planned = is_network_policy(policy)
-    timed = guard == "latency" or planned
-    if timed and input_shape is None:
+    timed = guard == "latency" or (planned and getattr(policy, "measures_latency", False))
+    if (timed or planned) and input_shape is None:
         what = "the rank guard 'latency'" if guard == "latency" else f"the rank policy '{getattr(policy, 'name', policy)}'"
-        raise MedslimError(f"{what} measures each layer at its real input shape; pass input_shape "
+        raise MedslimError(f"{what} needs each layer's real input shape; pass input_shape "
                            f"[1, C_in, *patch] (the nnU-Net patch)")
     new = copy.deepcopy(net)
     stem = stem_name(new)
@@ -159,8 +160,9 @@ def decompose_network(net: nn.Module, policy: Callable[..., LayerRanks], *, meth
     sites: dict[str, LayerSite] = {}
     if timed:
         timer = timer if timer is not None else LayerTimer()
-        record.settings.update(latency_device=timer.cache.device, latency_threads=timer.threads,
-                               input_shape=list(input_shape))
+        record.settings.update(latency_device=timer.cache.device, latency_threads=timer.threads)
+    if timed or planned:
+        record.settings.update(input_shape=list(input_shape))
         shapes = conv_input_shapes(new, input_shape, convs)
         sites = {name: LayerSite(conv, ("out",) if name == stem else ("in", "out"), shapes[name])
                  for name, conv in convs.items()}
@@ -171,8 +173,9 @@ def decompose_network(net: nn.Module, policy: Callable[..., LayerRanks], *, meth
             progress(name)
         modes = ("out",) if name == stem else ("in", "out")
         if planned and plan.get(name) is None:
+            seconds = timer.layer_seconds(conv, sites[name].spatial) if timed else None
             record.layers[name] = replace(_layer_record(conv, LayerRanks(None, None)), reason="rank policy: kept dense",
-                                          seconds_dense=timer.layer_seconds(conv, sites[name].spatial))
+                                          seconds_dense=seconds)
             continue
         proposed = plan[name] if planned else policy(conv.weight.detach(), transposed=bool(conv.transposed),
                                                      modes=modes)
@@ -224,27 +227,57 @@ def apply_ranks(net: nn.Module, ranks: Mapping[str, LayerRanks]) -> nn.Module:
 
 
 def tucker_params(conv: _ConvNd, ranks: LayerRanks) -> int:
-    """Parameter count of ``TuckerConv(conv, *ranks)``."""
+    """Parameter count of ``TuckerConv(conv, *ranks)`` (elementwise if the ranks are integer
+    arrays of broadcastable shapes, as the ``budget`` rank policy passes them)."""
     c_in, c_out = conv.in_channels, conv.out_channels
-    r_in, r_out = ranks.rank_in or c_in, ranks.rank_out or c_out
+    r_in, r_out = _or_dense(ranks.rank_in, c_in), _or_dense(ranks.rank_out, c_out)
     k = math.prod(conv.kernel_size)
-    return ((c_in * r_in if ranks.rank_in else 0) + r_in * r_out * k + (r_out * c_out if ranks.rank_out else 0)
-            + (c_out if conv.bias is not None else 0))
+    return ((0 if ranks.rank_in is None else c_in * r_in) + r_in * r_out * k
+            + (0 if ranks.rank_out is None else r_out * c_out) + (c_out if conv.bias is not None else 0))
+
+
+def conv_macs(conv: _ConvNd, ranks: LayerRanks | None, spatial: Sequence[int]) -> float:
+    """Multiply-accumulates of one forward pass of ``conv`` (dense if ``ranks`` is None, else
+    its ``TuckerConv``) on an input of spatial shape ``spatial``; elementwise on rank arrays.
+    Output size from the conv arithmetic, so odd sizes after strides are exact."""
+    v_out = math.prod(_output_size(conv, spatial))
+    return _macs_at(conv, ranks, v_in=float(math.prod(spatial)), v_out=float(v_out))
 
 
 def _macs(conv: _ConvNd, ranks: LayerRanks | None) -> float:
     """MACs per output voxel; the input has ``prod(stride)`` times more (conv) or fewer
     (transposed conv) voxels than the output."""
     s = float(math.prod(conv.stride))
-    v_in = 1 / s if conv.transposed else s   # input voxels per output voxel
-    v_core = v_in if conv.transposed else 1.0  # a transposed conv's MACs scale with its input
+    return _macs_at(conv, ranks, v_in=1 / s if conv.transposed else s, v_out=1.0)
+
+
+def _macs_at(conv: _ConvNd, ranks: LayerRanks | None, *, v_in: float, v_out: float) -> float:
+    """MACs for ``v_in`` input and ``v_out`` output voxels: the 1×…×1 projections run at their
+    own resolution, the core (and a dense conv) per output voxel, or per input voxel when
+    transposed."""
+    v_core = v_in if conv.transposed else v_out
     k = math.prod(conv.kernel_size)
     c_in, c_out = conv.in_channels, conv.out_channels
     if ranks is None:
         return c_in * c_out * k * v_core
-    r_in, r_out = ranks.rank_in or c_in, ranks.rank_out or c_out
-    return ((c_in * r_in * v_in if ranks.rank_in else 0) + r_in * r_out * k * v_core
-            + (r_out * c_out if ranks.rank_out else 0))
+    r_in, r_out = _or_dense(ranks.rank_in, c_in), _or_dense(ranks.rank_out, c_out)
+    return ((0 if ranks.rank_in is None else c_in * r_in * v_in) + r_in * r_out * k * v_core
+            + (0 if ranks.rank_out is None else r_out * c_out * v_out))
+
+
+def _or_dense(rank, channels: int):
+    return channels if rank is None else rank
+
+
+def _output_size(conv: _ConvNd, spatial: Sequence[int]) -> list[int]:
+    """Output spatial size of ``conv`` for input size ``spatial`` (PyTorch's conv arithmetic)."""
+    if conv.padding == "same":
+        return list(spatial)
+    padding = (0,) * len(spatial) if conv.padding == "valid" else conv.padding
+    dims = zip(spatial, conv.kernel_size, conv.stride, padding, conv.dilation, conv.output_padding)
+    if conv.transposed:
+        return [(n - 1) * s - 2 * p + d * (k - 1) + op + 1 for n, k, s, p, d, op in dims]
+    return [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d, _ in dims]
 
 
 def _layer_record(conv: _ConvNd, ranks: LayerRanks) -> LayerRecord:

@@ -9,6 +9,7 @@ modes are never decomposed: ``W ≈ G ×_out U_out ×_in U_in`` with ``U_in ∈ 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,25 @@ def discarded_fraction(spectrum: Tensor, rank: int) -> float:
     energy = spectrum.square()
     total = float(energy.sum())
     return float(energy[rank:].sum()) / total if total > 0 else 0.0
+
+
+def hosvd_error_grid(weight: Tensor, modes: Sequence[str] = ("in", "out"), *, transposed: bool = False) -> Tensor:
+    """Squared relative error ``‖W − Ŵ‖² / ‖W‖²`` of the truncated HOSVD at every rank
+    combination of ``modes``: float64 ``[C_m1, C_m2]`` (or ``[C_m]``), entry ``[R₁−1, R₂−1]``.
+
+    Exact, not Theorem 5.1's bound ``Σ_n`` (discarded fraction of mode n): the HOSVD factors at
+    rank R are the first R columns of the full ones, so the truncated core is a corner of the
+    full-rank core ``G = W ×_out U_outᵀ ×_in U_inᵀ`` and ``‖W − Ŵ‖² = ‖W‖² − ‖G[:R_1, :R_2]‖²``.
+    All zeros for a zero weight."""
+    w = weight.detach().double()
+    core = _project(w, {m: mode_svd(w, m, transposed=transposed)[1] for m in modes}, transposed=transposed)
+    axes = [mode_axis(m, transposed=transposed) for m in modes]
+    energy = core.square().movedim(axes, list(range(len(axes)))).reshape(*(core.shape[a] for a in axes), -1).sum(-1)
+    kept = energy
+    for axis in range(len(axes)):
+        kept = kept.cumsum(axis)
+    total = float(energy.sum())
+    return (1 - kept / total).clamp_min(0) if total > 0 else torch.zeros_like(kept)
 
 
 def tucker2_factors(weight: Tensor, rank_in: int | None, rank_out: int | None, *,

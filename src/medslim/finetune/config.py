@@ -7,24 +7,29 @@ contradict a key the trainer variant fixes (e.g. ``df`` of ``nnUNetTrainerMedsli
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from medslim.compress import CompressConfig, CompressionSettings
 from medslim.errors import MedslimError
+from medslim.mapping_file import read_mapping
+from medslim.finetune.distill import KD_LEVELS
 from medslim.network import is_compressed
 
 # Thesis: Adam, lr 1e-4, 200 updates (4 epochs x 50). Weber et al. 2025: AdamW, lr 1e-5,
-# 50 epochs (nnU-Net epochs of 250 iterations), rank_min 8.
+# 50 epochs (nnU-Net epochs of 250 iterations), rank_min 8. nnunet: nnU-Net's own recipe
+# (SGD, Nesterov momentum 0.99, lr 1e-2, poly, weight decay 3e-5) for 1,000 updates.
 SCHEDULES: dict[str, dict[str, Any]] = {
+    "nnunet": {"optimizer": "sgd", "lr": 1e-2, "weight_decay": 3e-5, "lr_schedule": "poly", "epochs": 20,
+               "iterations": 50},
     "thesis": {"optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0, "epochs": 4, "iterations": 50},
     "weber": {"optimizer": "adamw", "lr": 1e-5, "weight_decay": 1e-2, "epochs": 50, "iterations": 250,
               "rank_min": 8},
 }
 OPTIMIZERS = ("adam", "adamw", "sgd")
+INITS = ("pretrained", "scratch")
 LR_SCHEDULES = ("constant", "poly")
 ENV_OVERRIDES = {"MEDSLIM_EPOCHS": "epochs", "MEDSLIM_ITERS": "iterations", "MEDSLIM_SEED": "seed"}
 
@@ -38,7 +43,17 @@ class FinetuneConfig(CompressionSettings):
 
     ``epochs`` x ``iterations`` optimizer updates; ``val_iterations`` batches of nnU-Net's
     pseudo-Dice per epoch. ``dataset_name``/``plans_name``/``configuration``, when given, must
-    match the plans the trainer is started with."""
+    match the plans the trainer is started with.
+
+    ``kd_weight`` λ > 0 distils from the original network (``medslim.finetune.distill``) at
+    temperature ``kd_temperature`` on deep-supervision ``kd_levels`` ``all`` or ``top``.
+    ``init="scratch"`` keeps the compressed architecture but re-initialises every weight as
+    nnU-Net does (He, neg. slope 1e-2): the train-from-scratch control. ``final_validation``
+    runs nnU-Net's validation of the fold at the end (off in sweeps, which score with medslim).
+    ``calibration_batches`` training batches feed data-aware criteria (``hvs_data``, ``taylor``).
+    ``steps`` > 1 reaches the target in stages (compress a little, fine-tune, repeat): each
+    stage multiplies the ranks by ``DF^(1/steps)`` and removes ``1 − (1 − ρ)^(1/steps)`` of the
+    current channels, at epochs ``round(i · epochs / steps)`` (``medslim.recompress``)."""
 
     compress: bool = True
     schedule: str = "thesis"
@@ -51,6 +66,13 @@ class FinetuneConfig(CompressionSettings):
     val_iterations: int = 5
     save_every: int = 5
     seed: int = 12345
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
+    kd_levels: str = "all"
+    init: str = "pretrained"
+    final_validation: bool = True
+    calibration_batches: int = 4
+    steps: int = 1
     dataset_name: str | None = None
     plans_name: str | None = None
     configuration: str | None = None
@@ -62,21 +84,48 @@ class FinetuneConfig(CompressionSettings):
             raise MedslimError(f"unknown optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise MedslimError(f"unknown lr_schedule '{self.lr_schedule}'; choose one of {', '.join(LR_SCHEDULES)}")
+        if self.init not in INITS:
+            raise MedslimError(f"unknown init '{self.init}'; choose one of {', '.join(INITS)}")
+        if self.kd_levels not in KD_LEVELS:
+            raise MedslimError(f"unknown kd_levels '{self.kd_levels}'; choose one of {', '.join(KD_LEVELS)}")
+        if self.kd_weight < 0:
+            raise MedslimError(f"kd_weight must be >= 0, got {self.kd_weight}")
+        if self.kd_temperature <= 0:
+            raise MedslimError(f"kd_temperature must be > 0, got {self.kd_temperature}")
         if not 0.0 < self.lr <= 1.0:
             raise MedslimError(f"lr must be in (0, 1], got {self.lr}")
         if self.weight_decay < 0:
             raise MedslimError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        for key in ("epochs", "iterations", "val_iterations", "save_every"):
+        for key in ("epochs", "iterations", "val_iterations", "save_every", "calibration_batches", "steps"):
             if getattr(self, key) < 1:
                 raise MedslimError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.rank_min < 1:
             raise MedslimError(f"rank_min must be >= 1, got {self.rank_min}")
+        if self.steps > self.epochs:
+            raise MedslimError(f"steps ({self.steps}) must not exceed epochs ({self.epochs}): one stage per epoch at most")
+        if self.steps > 1 and self.prune_site != "outer":
+            raise MedslimError("iterative compression (steps > 1) supports prune_site 'outer' only")
         if self.compress:
             self.compression()  # CompressConfig validates df, prune_ratio, criterion, site, ...
 
     def compression(self) -> CompressConfig:
-        """The ``CompressConfig`` these settings describe."""
-        return CompressConfig(seed=self.seed, **{k: getattr(self, k) for k in _COMPRESS_KEYS})
+        """The ``CompressConfig`` these settings describe (the trainers feed data-aware
+        criteria with ``calibration_batches`` training batches)."""
+        from medslim.score.registry import NEEDS_CALIBRATION
+
+        return CompressConfig(seed=self.seed, with_calibration=self.criterion in NEEDS_CALIBRATION,
+                              **{k: getattr(self, k) for k in _COMPRESS_KEYS})
+
+    def stage_compression(self) -> CompressConfig:
+        """The compression of each of ``steps`` stages (``compression()`` when ``steps`` is 1):
+        DF ``df^(1/steps)`` (stage 1; later stages scale ranks by the same factor) and
+        ``prune_ratio`` ``1 − (1 − ρ)^(1/steps)`` of the channels present."""
+        k = self.steps
+        return replace(self.compression(), df=self.df ** (1 / k), prune_ratio=1 - (1 - self.prune_ratio) ** (1 / k))
+
+    def stage_epochs(self) -> list[int]:
+        """The epoch at whose start each stage compresses (the first at 0)."""
+        return [round(i * self.epochs / self.steps) for i in range(self.steps)]
 
     @property
     def updates(self) -> int:
@@ -119,34 +168,39 @@ def _typed(key: str, value: Any, source: str) -> Any:
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read and type-check a flat JSON config (unknown keys are errors)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MedslimError(f"MEDSLIM_CONFIG file {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MedslimError(f"MEDSLIM_CONFIG file {path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise MedslimError(f"MEDSLIM_CONFIG file {path} must hold a JSON object")
+    return read_config_dict(read_mapping(path, "MEDSLIM_CONFIG file"), str(path))
+
+
+def read_config_dict(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Type-check flat config keys (unknown keys are errors); ``source`` names them in errors."""
     unknown = sorted(set(data) - set(_TYPES))
     if unknown:
-        raise MedslimError(f"unknown key(s) {', '.join(unknown)} in {path}; allowed: {', '.join(_TYPES)}")
-    return {k: _typed(k, v, str(path)) for k, v in data.items()}
+        raise MedslimError(f"unknown key(s) {', '.join(unknown)} in {source}; allowed: {', '.join(_TYPES)}")
+    return {k: _typed(k, v, source) for k, v in data.items()}
+
+
+def config_from_dict(data: Mapping[str, Any], source: str) -> FinetuneConfig:
+    """The validated config a ``MEDSLIM_CONFIG`` holding ``data`` gives (schedule preset < ``data``)."""
+    return resolve_config({}, None, {}, from_file=read_config_dict(data, source), source=source)
 
 
 def resolve_config(fixed: Mapping[str, Any] | None = None, config_file: str | Path | None = None,
-                   environ: Mapping[str, str] | None = None) -> FinetuneConfig:
-    """Merge preset < ``fixed`` (trainer variant) < file < environment into a validated config.
+                   environ: Mapping[str, str] | None = None, from_file: Mapping[str, Any] | None = None,
+                   source: str | None = None) -> FinetuneConfig:
+    """Merge preset < ``fixed`` (trainer variant) < file (or ``from_file``, already read) <
+    environment into a validated config.
 
     Raises:
         MedslimError: unknown keys, wrong types, out-of-range values, or a file contradicting ``fixed``.
     """
     fixed = dict(fixed or {})
     environ = environ or {}
-    from_file = read_config_file(config_file) if config_file else {}
+    if from_file is None:
+        from_file = read_config_file(config_file) if config_file else {}
+    source = source or str(config_file)
     for key, value in from_file.items():
         if key in fixed and fixed[key] != value:
-            raise MedslimError(f"the trainer fixes {key}={fixed[key]!r} but {config_file} sets {value!r}; "
+            raise MedslimError(f"the trainer fixes {key}={fixed[key]!r} but {source} sets {value!r}; "
                                "remove it from the config or use nnUNetTrainerMedslim")
     schedule = from_file.get("schedule", fixed.get("schedule", "thesis"))
     if schedule not in SCHEDULES:

@@ -56,15 +56,20 @@ def load_full_weights(net: nn.Module, path: str | Path) -> None:
     net.load_state_dict({k: weights[k] for k in own})
 
 
-def compress_live(net: nn.Module, config: FinetuneConfig, input_shape: Sequence[int]) -> tuple[CompressedUNet, dict]:
+def compress_live(net: nn.Module, config: FinetuneConfig, input_shape: Sequence[int],
+                  calibration: torch.Tensor | None = None,
+                  calibration_target: torch.Tensor | None = None) -> tuple[CompressedUNet, dict]:
     """Compress the trainer's (pretrained) U-Net; returns the ``CompressedUNet`` (train mode,
-    deep supervision as ``net`` had it, heads following the pruned channels) and a small report."""
+    deep supervision as ``net`` had it, heads following the pruned channels) and a small report.
+
+    ``calibration`` ``[B, C, *patch]`` (and labels ``[B, *patch]``) feed data-aware criteria."""
     from medslim.measure import count_parameters
 
     ds = bool(getattr(net.decoder, "deep_supervision", False))
     net.decoder.deep_supervision = False
     try:
-        result = compress_network(net, config.compression(), input_shape)
+        result = compress_network(net, config.stage_compression(), input_shape, calibration=calibration,
+                                  calibration_target=calibration_target)
     finally:
         net.decoder.deep_supervision = ds
     out = CompressedUNet.wrap(result.network, result.spec)
@@ -101,6 +106,19 @@ def check_rebuild(net: nn.Module, plans: Mapping[str, Any], configuration: str, 
     own = net.state_dict()
     if list(rebuilt) != list(own) or any(rebuilt[k].shape != own[k].shape for k in own):
         raise MedslimError("the compressed network cannot be rebuilt from its plans; please report this as a medslim bug")
+
+
+def reinitialize(net: nn.Module) -> nn.Module:
+    """Re-draw every weight as nnU-Net initialises a new network (convs He normal, negative
+    slope 1e-2, biases 0; norms γ 1, β 0): the train-from-scratch control keeps the
+    architecture, not the weights."""
+    from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+
+    net.apply(InitWeights_He(1e-2))
+    for m in net.modules():
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+            m.reset_parameters()
+    return net
 
 
 class ConstantLR:

@@ -8,7 +8,7 @@ from medslim._lazy import lazy_exports
 _EXPORTS = {"BACKENDS": "backends", "PatchRunner": "backends", "RuntimeOptions": "backends",
             "is_installed": "backends", "resolve_backend": "backends",
             "Predictor": "predictor", "case_files": "predictor", "load_predictor": "predictor",
-            "segment_files": "predictor",
+            "nnunet_plans": "predictor", "preprocess_case": "predictor", "segment_files": "predictor",
             "Timer": "sliding_window", "argmax_volume": "sliding_window", "logit_slabs": "sliding_window",
             "mirrored": "sliding_window"}
 __all__ = sorted(_EXPORTS)

@@ -63,17 +63,13 @@ def load_predictor(model_dir: str | Path, fold: str = "0", checkpoint_name: str 
         MedslimError: see ``load_results_folder`` and ``resolve_backend``; a region-based or
             cascaded model (use nnU-Net's predictor: ``--backend nnunet``).
     """
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     from medslim.load import load_results_folder
 
     options = options or RuntimeOptions()
     timer = Timer()
     with timer("plans"):
         model = model or load_results_folder(model_dir, fold, checkpoint_name)
-        plans_manager = PlansManager(model.plans)
-        configuration = plans_manager.get_configuration(model.configuration_name)
-        label_manager = plans_manager.get_label_manager(model.dataset_json)
+        plans_manager, configuration, label_manager = nnunet_plans(model)
     if label_manager.has_regions:
         raise MedslimError(f"{model.folder} is a region-based model; run it with --backend nnunet")
     if configuration.previous_stage_name is not None:
@@ -98,6 +94,32 @@ def load_predictor(model_dir: str | Path, fold: str = "0", checkpoint_name: str 
     axes = model.checkpoint.get("inference_allowed_mirroring_axes") if mirroring else None
     return Predictor(model, name, mirrored(run, axes), plans_manager, configuration, label_manager, head=head,
                      onnx_path=onnx_path, setup_seconds=timer.seconds)
+
+
+def nnunet_plans(model) -> tuple[Any, Any, Any]:
+    """nnU-Net's ``(PlansManager, ConfigurationManager, LabelManager)`` of a loaded results folder."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(model.plans)
+    return (plans_manager, plans_manager.get_configuration(model.configuration_name),
+            plans_manager.get_label_manager(model.dataset_json))
+
+
+def preprocess_case(image_files: Sequence[str], plans_manager, configuration,
+                    dataset_json: dict) -> tuple[np.ndarray, dict]:
+    """nnU-Net's preprocessing of one case (``preprocessor.run_case``: crop to nonzero,
+    normalisation, resampling to the plans' spacing): float32 ``[C, *shape]`` and its properties.
+
+    Raises:
+        MedslimError: a file nnU-Net's reader cannot read.
+    """
+    preprocessor = configuration.preprocessor_class(verbose=False)
+    try:
+        data, _, props = preprocessor.run_case(list(image_files), None, plans_manager, configuration, dataset_json)
+    except Exception as e:  # the readers raise many types for truncated or foreign files
+        raise MedslimError(f"cannot read {', '.join(map(str, image_files))}: {type(e).__name__}: "
+                           f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}") from e
+    return np.ascontiguousarray(data, np.float32), props
 
 
 def onnx_file(model, network=None, trunk_only: bool = False) -> Path:
@@ -140,14 +162,7 @@ def segment_files(predictor: Predictor, image_files: Sequence[str], output_file:
     timer = timer or Timer()
     p = predictor
     with timer("preprocess"):
-        preprocessor = p.configuration.preprocessor_class(verbose=False)
-        try:
-            data, _, props = preprocessor.run_case(list(image_files), None, p.plans_manager, p.configuration,
-                                                   p.model.dataset_json)
-        except Exception as e:  # the readers raise many types for truncated or foreign files
-            raise MedslimError(f"cannot read {', '.join(map(str, image_files))}: {type(e).__name__}: "
-                               f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}") from e
-    data = np.ascontiguousarray(data, np.float32)
+        data, props = preprocess_case(image_files, p.plans_manager, p.configuration, p.model.dataset_json)
     target = [int(s) for s in props["shape_after_cropping_and_before_resampling"]]
     if list(data.shape[1:]) == target:
         seg = argmax_volume(data, p.run, p.patch, p.channels, p.step, timer, p.head)

@@ -20,7 +20,6 @@ Linear layers — torchvision ResNets and VGGs, timm ResNets, plain ``nn.Sequent
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -32,10 +31,11 @@ from torch.nn.modules.conv import _ConvNd
 from medslim.errors import MedslimError, did_you_mean
 from medslim.measure import count_flops, count_parameters
 from medslim.prune.graph import build_graph
-from medslim.prune.pruner import PruneRecord, coupled_members, apply_kept, prune_network
+from medslim.prune.pruner import channel_groups, prune_network
+from medslim.prune.select import SELECTIONS, global_keep_counts, top_k
 from medslim.score import ScoreContext, find_head, get_criterion
 
-SCOPES = ("layer", "global")
+SCOPES = SELECTIONS  # "layer" | "global"
 _PROPAGATED = ("hvs", "nisp", "consumer_l1")
 
 
@@ -128,45 +128,15 @@ def coupled_groups(model: nn.Module, layers: Sequence[str], example: Tensor,
     """``{root: members}``: candidates whose output channels are removed together (residual
     streams), in ``layers`` order; groups coupled to a ``protect``-ed layer are dropped."""
     net = copy.deepcopy(model)
-    graph = build_graph(net, example)
-    modules = dict(net.named_modules())
-    names = {modules[n]: n for n in [*layers, *protect]}
-    done: set[str] = set(protect)
-    groups: dict[str, list[str]] = {}
-    for name in layers:
-        if name in done:
-            continue
-        coupled = coupled_members(graph, modules[name], names)
-        done.update(coupled)
-        if not any(m in protect for m in coupled):
-            groups[name] = [m for m in coupled if m in layers]
-    return groups
+    return channel_groups(build_graph(net, example), dict(net.named_modules()), layers, protect)
 
 
 def global_keep(group_scores: dict[str, Tensor], ratio: float) -> dict[str, tuple[int, ...]]:
     """Global top-k over L2-normalised group scores: ``ceil((1-ratio)·N)`` channels survive
-    (ties: lower group order, then lower index), at least one per group (its best)."""
-    entries = []  # (-score, group order, channel)
-    for g, (root, s) in enumerate(group_scores.items()):
-        s = s.detach().double().cpu()
-        s = s / s.norm() if s.norm() > 0 else s
-        entries.extend((-float(v), g, c) for c, v in enumerate(s))
-    total = len(entries)
-    budget = max(len(group_scores), math.ceil(round((1.0 - ratio) * total, 9)))
-    entries.sort()
-    roots = list(group_scores)
-    kept: dict[str, set[int]] = {r: set() for r in roots}
-    for _, g, c in entries:  # each group's best channel first
-        if not kept[roots[g]]:
-            kept[roots[g]].add(c)
-    count = len(roots)
-    for _, g, c in entries:
-        if count >= budget:
-            break
-        if c not in kept[roots[g]]:
-            kept[roots[g]].add(c)
-            count += 1
-    return {r: tuple(sorted(kept[r])) for r in roots}
+    (ties: lower group order, then lower index), at least one per group (its best); see
+    ``medslim.prune.select.global_keep_counts``."""
+    counts = global_keep_counts(group_scores, ratio)
+    return {r: tuple(top_k(s, counts[r]).tolist()) for r, s in group_scores.items()}
 
 
 def densities(before: nn.Module, after: nn.Module, candidates: Sequence[str]) -> list[LayerDensity]:
@@ -218,10 +188,7 @@ def prune_classifier(model: nn.Module, ratio: float, criterion: str = "hvs",
     scores = score_layers(model, layers, criterion, input_shape, seed, calibration)
     times["score"] = time.perf_counter() - t
     t = time.perf_counter()
-    if scope == "layer":
-        pruned, record = prune_network(model, layers, scores, ratio, example, protect=[stem])
-    else:
-        pruned, record = _prune_global(model, layers, scores, ratio, example, stem)
+    pruned, record = prune_network(model, layers, scores, ratio, example, protect=[stem], selection=scope)
     times["prune"] = time.perf_counter() - t
     was_training = model.training
     try:
@@ -238,21 +205,3 @@ def prune_classifier(model: nn.Module, ratio: float, criterion: str = "hvs",
         params=(count_parameters(model), count_parameters(pruned)),
         flops=(count_flops(model, input_shape), count_flops(pruned, input_shape)), seconds=times)
     return pruned, report
-
-
-def _prune_global(model: nn.Module, layers: Sequence[str], scores: dict[str, Tensor], ratio: float,
-                  example: Tensor, stem: str) -> tuple[nn.Module, PruneRecord]:
-    """Global scope: rank all groups together, then replay the kept indices (``apply_kept``)."""
-    net = copy.deepcopy(model)
-    record = PruneRecord()
-    if ratio == 0.0:
-        return net, record
-    groups = coupled_groups(model, layers, example, protect=[stem])
-    totals = {root: sum(scores[m].detach().double().cpu() for m in members) for root, members in groups.items()}
-    kept = global_keep(totals, ratio)
-    apply_kept(net, kept, example)
-    for root, members in groups.items():
-        record.kept[root], record.members[root] = kept[root], members
-        record.channels[root] = (totals[root].numel(), len(kept[root]))
-    return net, record
-

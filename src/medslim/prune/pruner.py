@@ -11,7 +11,7 @@ from torch import nn
 
 from medslim.errors import MedslimError
 from medslim.prune.graph import build_graph
-from medslim.prune.select import keep_top_k
+from medslim.prune.select import check_selection, global_keep_counts, keep_count, top_k
 
 
 @dataclass
@@ -42,45 +42,47 @@ def coupled_members(graph: tp.DependencyGraph, module: nn.Module, names: Mapping
 
 def prune_network(net: nn.Module, layers: Sequence[str], scores: Mapping[str, torch.Tensor],
                   ratio: float, example: torch.Tensor, protect: Sequence[str] = (),
-                  progress: Callable[[str], None] | None = None) -> tuple[nn.Module, PruneRecord]:
-    """Prune ``ratio`` of the output channels of every layer in ``layers`` from a copy of ``net``.
+                  progress: Callable[[str], None] | None = None,
+                  selection: str = "layer") -> tuple[nn.Module, PruneRecord]:
+    """Prune ``ratio`` of the output channels of the layers in ``layers`` from a copy of ``net``.
 
     Coupled layers (e.g. residual additions) form one group, scored by the sum of its members'
-    scores; the group keeps ``ceil((1 - ratio) * C)`` channels. A group that would also prune
-    a ``protect``-ed layer's outputs (e.g. the stem, coupled to ResEnc's stage-0 residual
-    stream) is left whole.
+    scores. ``selection="layer"``: each group keeps ``ceil((1 - ratio) * C)`` channels;
+    ``"global"``: the channels of all groups are ranked together (each group's scores
+    L2-normalised) and ``ratio`` of them go, at least one kept per group (``global_keep_counts``, which says how the per-layer L2
+    normalisation of the scores shifts removal to wide layers). Either way a group keeps its
+    top-``k`` channels. A group that would also prune a ``protect``-ed layer's outputs (e.g.
+    the stem, coupled to ResEnc's stage-0 residual stream) is left whole and not ranked.
 
     Args:
         net: network, not modified.
         layers: candidate conv names (see ``prunable_layers``).
         scores: ``name -> [C_out]`` importance (higher = keep), one entry per layer.
-        ratio: fraction removed per layer, in ``[0, 1)``.
+        ratio: fraction removed per layer (``layer``) or of all candidate channels
+            (``global``), in ``[0, 1)``.
         example: an input the network accepts, used to trace the graph.
+        selection: ``"layer"`` or ``"global"`` (``medslim.prune.select.SELECTIONS``).
     Returns:
         the pruned copy and its ``PruneRecord``.
+    Raises:
+        MedslimError: ``ratio`` outside ``[0, 1)`` or an unknown ``selection``.
     """
     if not 0.0 <= ratio < 1.0:
         raise MedslimError(f"pruning ratio must be in [0, 1), got {ratio}")
+    check_selection(selection)
     net = copy.deepcopy(net)
     record = PruneRecord()
     if ratio == 0.0 or not layers:
         return net, record
     graph = build_graph(net, example)
     modules = dict(net.named_modules())
-    names = {modules[n]: n for n in [*layers, *protect]}
-    done: set[str] = set(protect)
-    for name in layers:
-        if name in done:
-            continue
-        coupled = coupled_members(graph, modules[name], names)
-        if any(m in protect for m in coupled):
-            done.update(coupled)
-            continue
-        members = [m for m in coupled if m not in done]
-        done.update(members)
-        total = sum(scores[m].detach().double().cpu() for m in members)
-        keep = keep_top_k(total, ratio)
-        c = total.numel()
+    groups = channel_groups(graph, modules, layers, protect)
+    totals = {name: sum(scores[m].detach().double().cpu() for m in members) for name, members in groups.items()}
+    counts = (global_keep_counts(totals, ratio) if selection == "global"
+              else {name: keep_count(t.numel(), ratio) for name, t in totals.items()})
+    for name, members in groups.items():
+        keep = top_k(totals[name], counts[name])
+        c = totals[name].numel()
         remove = sorted(set(range(c)) - set(keep.tolist()))
         if remove:
             graph.get_pruning_group(modules[name], out_channel_fn(modules[name]), idxs=remove).prune()
@@ -90,6 +92,26 @@ def prune_network(net: nn.Module, layers: Sequence[str], scores: Mapping[str, to
         if progress is not None:
             progress(name)
     return net, record
+
+
+def channel_groups(graph: tp.DependencyGraph, modules: Mapping[str, nn.Module], layers: Sequence[str],
+                   protect: Sequence[str] = ()) -> dict[str, list[str]]:
+    """``root -> members``: the layers of ``layers`` whose output channels are pruned together,
+    in network order, each group under its first layer. Groups that include a ``protect``-ed
+    layer are left out."""
+    names = {modules[n]: n for n in [*layers, *protect]}
+    done: set[str] = set(protect)
+    groups: dict[str, list[str]] = {}
+    for name in layers:
+        if name in done:
+            continue
+        coupled = coupled_members(graph, modules[name], names)
+        if any(m in protect for m in coupled):
+            done.update(coupled)
+            continue
+        groups[name] = [m for m in coupled if m not in done]
+        done.update(groups[name])
+    return groups
 
 
 def apply_kept(net: nn.Module, kept: Mapping[str, Sequence[int]], example: torch.Tensor) -> nn.Module:

@@ -42,7 +42,9 @@ Engine = Literal["channel", "spatial"]
 _ACTIVATIONS = tuple(c for c in vars(nn.modules.activation).values()
                      if isinstance(c, type) and issubclass(c, nn.Module)
                      and c not in (nn.Module, nn.MultiheadAttention))
-_PASS_THROUGH = (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, _DropoutNd,
+# modules that keep every channel in place (norms, dropout, activations); the Taylor criterion
+# reads a layer's channels after them
+PASS_THROUGH = (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, _DropoutNd,
                  *_ACTIVATIONS)
 _MAX_TO_AVG = {nn.MaxPool1d: nn.AvgPool1d, nn.MaxPool2d: nn.AvgPool2d, nn.MaxPool3d: nn.AvgPool3d}
 _ADAPTIVE = {nn.AdaptiveAvgPool1d: nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d: nn.AdaptiveAvgPool2d,
@@ -201,7 +203,7 @@ def _replacement(name: str, m: nn.Module, engine: Engine, rule: Rule, dtype: tor
             m = _MAX_TO_AVG[type(m)](m.kernel_size, m.stride, m.padding, m.ceil_mode,
                                      count_include_pad=False)
         return Linearised(_FnOp(m, rule, weighted=False), kind)
-    if isinstance(m, _PASS_THROUGH):
+    if isinstance(m, PASS_THROUGH):
         return nn.Identity()
     if any(True for _ in m.parameters(recurse=False)):
         raise MedslimError(f"HVS scoring does not know how to linearise {kind} ('{name}'); "

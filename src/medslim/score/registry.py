@@ -42,7 +42,10 @@ class ScoreContext:
         head: name of the final output layer; ``None`` = the last ``decoder.seg_layers.<i>``
             (nnU-Net), else the last Linear/convolution in module order.
         normalize: divide each layer's scores by their L2 norm.
-        calibration: input batch ``(B, C, *spatial)`` for data-aware criteria (``hvs_data``).
+        calibration: input batch ``(B, C, *spatial)`` for data-aware criteria (``hvs_data``,
+            ``taylor``).
+        calibration_target: integer labels ``(B, *spatial)`` of ``calibration`` for criteria
+            with a loss (``taylor``); ``None`` = the model's own argmax.
     """
 
     input_shape: tuple[int, ...] | None = None
@@ -53,6 +56,7 @@ class ScoreContext:
     head: str | None = None
     normalize: bool = True
     calibration: Tensor | None = field(default=None, compare=False, repr=False)
+    calibration_target: Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -103,17 +107,19 @@ def get_criterion(name: str) -> Criterion:
                            f"{did_you_mean(name, list(CRITERIA))}") from None
 
 
-def check_criterion(name: str, calibration: bool = False, option: str = "--criterion") -> Criterion:
+def check_criterion(name: str, calibration: bool = False, option: str = "--criterion",
+                    hint: str = "which this command does not take") -> Criterion:
     """The criterion ``name``, checked before any work for a caller that has calibration data
-    (``calibration=True``) or not.
+    (``calibration=True``) or not. ``hint`` says where data would come from.
 
     Raises:
-        MedslimError: unknown name, or a data-aware criterion (``hvs_data``) without calibration data.
+        MedslimError: unknown name, or a data-aware criterion (``hvs_data``, ``taylor``) without
+            calibration data.
     """
     fn = get_criterion(name)
     if name in NEEDS_CALIBRATION and not calibration:
         weight_only = [c for c in list_criteria() if c not in NEEDS_CALIBRATION]
-        raise MedslimError(f"{option} {name} needs calibration data, which this command does not take; "
+        raise MedslimError(f"{option} {name} needs calibration data, {hint}; "
                            f"choose a weight-only criterion: {', '.join(weight_only)}")
     return fn
 

@@ -1,0 +1,275 @@
+"""Read a sweep folder (written by ``medslim sweep``) into tables: one row per cell, paired Δ
+vs the control of the same seed, one row per group (mean ± sample std over seeds), the Pareto
+set, per-class and per-layer tables. Pure functions of the files: nothing here draws or writes.
+
+Layout read::
+
+    SWEEP_DIR/sweep.json                  {"name", "grid", "finetune", "seeds", ...} (optional)
+    SWEEP_DIR/cells/<id>/cell.json        {"id", "kind", "group", "method", "seed", "settings"}
+    SWEEP_DIR/cells/<id>/result.json      finished: params, flops, ratios, metrics, layers, ...
+    SWEEP_DIR/cells/<id>/error.json       failed: {"error": one line, "traceback": ...}
+
+A cell with neither ``result.json`` nor ``error.json`` is pending. Metrics are fractions
+(Dice 0.87); Δ columns are fractions too (the renderer shows percentage points).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from medslim.errors import MedslimError
+
+KINDS = ("original", "control", "compressed", "scratch", "scratch_full")  # display order
+SPLITS = ("test", "val")
+METRICS = ("dice", "nsd1", "nsd3")
+DELTA_METRICS = ("dice", "nsd1")
+# the fine-tune settings a cell shares with its control (the rest describe the compression)
+FINETUNE_KEYS = ("optimizer", "lr", "epochs", "iterations", "kd_weight", "kd_temperature", "lr_schedule",
+                 "weight_decay")
+_CELL_KEYS = ("id", "kind", "group", "method", "seed")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A sweep folder as read: ``cells`` has one row per cell (columns: ``id kind group method seed
+    status error settings params flops ratio_params ratio_flops updates train_seconds cpu_seconds``
+    and ``<split>_<metric>`` for split in ``SPLITS``, metric in ``METRICS``); ``results`` maps the id
+    of each finished cell to its ``result.json``."""
+
+    folder: Path
+    name: str
+    meta: dict[str, Any]
+    cells: pd.DataFrame
+    results: dict[str, dict[str, Any]]
+
+    @property
+    def seeds(self) -> list[int]:
+        """``sweep.json``'s seeds, else the cells' seeds."""
+        seeds = self.meta.get("seeds")
+        return list(seeds) if isinstance(seeds, list) else sorted({int(s) for s in self.cells["seed"]})
+
+    def counts(self) -> dict[str, int]:
+        """Cells per status: ``{"ok": n, "failed": n, "pending": n}``."""
+        return {s: int((self.cells["status"] == s).sum()) for s in ("ok", "failed", "pending")}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``.
+
+    Raises:
+        MedslimError: unreadable file, invalid JSON, or not an object (the message names ``path``).
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise MedslimError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MedslimError(f"{path}: cannot be read ({e})") from None
+    if not isinstance(data, dict):
+        raise MedslimError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_sweep(folder: str | Path) -> Sweep:
+    """Read every cell of the sweep in ``folder`` (cells sorted by kind, group, seed).
+
+    Raises:
+        MedslimError: ``folder`` or ``folder/cells`` missing, a malformed JSON file, a cell without
+            a definition or missing a key, two cells with the same id (messages name the file).
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise MedslimError(f"sweep folder {folder} does not exist or is not a folder")
+    cells_dir = folder / "cells"
+    if not cells_dir.is_dir():
+        raise MedslimError(f"{folder} has no cells/ folder; expected a folder written by medslim sweep")
+    meta = read_json(folder / "sweep.json") if (folder / "sweep.json").is_file() else {}
+    rows, results, seen = [], {}, set()
+    for cell_dir in sorted(p for p in cells_dir.iterdir() if p.is_dir()):
+        result = read_json(cell_dir / "result.json") if (cell_dir / "result.json").is_file() else None
+        error = read_json(cell_dir / "error.json") if (cell_dir / "error.json").is_file() else None
+        cell, source = _definition(cell_dir, result, error)
+        row = cell_row(cell, result, error, source)
+        if row["id"] in seen:
+            raise MedslimError(f"{source}: cell id '{row['id']}' is used by another cell too")
+        seen.add(row["id"])
+        rows.append(row)
+        if result is not None:
+            results[row["id"]] = result
+    cells = pd.DataFrame(rows, columns=list(_row_columns()))
+    if len(cells):
+        order = {k: i for i, k in enumerate(KINDS)}
+        cells = (cells.assign(_k=cells["kind"].map(lambda k: order.get(k, len(KINDS))))
+                 .sort_values(["_k", "group", "seed", "id"], kind="stable").drop(columns="_k")
+                 .reset_index(drop=True))
+    return Sweep(folder, str(meta.get("name") or folder.name), meta, cells, results)
+
+
+def _definition(cell_dir: Path, result: dict | None, error: dict | None) -> tuple[dict[str, Any], Path]:
+    """The cell's definition: ``cell.json``, else the copy inside ``result.json``/``error.json``."""
+    if (cell_dir / "cell.json").is_file():
+        return read_json(cell_dir / "cell.json"), cell_dir / "cell.json"
+    for name, data in (("result.json", result), ("error.json", error)):
+        if data is not None and isinstance(data.get("cell"), dict):
+            return data["cell"], cell_dir / name
+    raise MedslimError(f"{cell_dir / 'cell.json'} is missing (a cell folder needs its definition)")
+
+
+def _row_columns() -> tuple[str, ...]:
+    return (*_CELL_KEYS, "status", "error", "settings", "params", "flops", "ratio_params", "ratio_flops",
+            "updates", "train_seconds", "cpu_seconds", *(f"{s}_{m}" for s in SPLITS for m in METRICS))
+
+
+def cell_row(cell: Mapping[str, Any], result: Mapping[str, Any] | None, error: Mapping[str, Any] | None,
+             source: Path | str = "cell.json") -> dict[str, Any]:
+    """One row of :attr:`Sweep.cells` from a cell's definition and its result or error (a result
+    wins over an error). Missing or null numbers are NaN.
+
+    Raises:
+        MedslimError: the definition lacks a key of ``id kind group method seed`` or has a
+            non-integer seed (the message names ``source``).
+    """
+    missing = [k for k in _CELL_KEYS if cell.get(k) is None]
+    if missing:
+        raise MedslimError(f"{source}: missing key(s) {', '.join(map(repr, missing))}; "
+                           f"a cell needs {', '.join(_CELL_KEYS)}")
+    try:
+        seed = int(cell["seed"])
+    except (TypeError, ValueError):
+        raise MedslimError(f"{source}: seed must be an integer, got {cell['seed']!r}") from None
+    settings = cell.get("settings") or {}
+    row: dict[str, Any] = {"id": str(cell["id"]), "kind": str(cell["kind"]), "group": str(cell["group"]),
+                           "method": str(cell["method"]), "seed": seed,
+                           "status": "ok" if result is not None else "failed" if error is not None else "pending",
+                           "error": None, "settings": dict(settings) if isinstance(settings, dict) else {}}
+    if result is None and error is not None:
+        row["error"] = " ".join(str(error.get("error") or "failed (no message)").split())
+    res = result or {}
+    for key in ("params", "flops", "ratio_params", "ratio_flops", "updates", "train_seconds", "cpu_seconds"):
+        row[key] = _num(res.get(key))
+    metrics = res.get("metrics") or {}
+    for split in SPLITS:
+        scores = metrics.get(split) or {}
+        for m in METRICS:
+            row[f"{split}_{m}"] = _num(scores.get(m))
+    return row
+
+
+def _num(x: Any) -> float:
+    try:
+        return float(x) if x is not None else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def finetune_key(settings: Mapping[str, Any]) -> tuple:
+    """The fine-tune settings (``FINETUNE_KEYS``) of a cell, comparable between cells."""
+    return tuple(settings.get(k) for k in FINETUNE_KEYS)
+
+
+def match_controls(cells: pd.DataFrame) -> pd.Series:
+    """For each cell, the id of its control (or None): the finished ``control`` cell with the same
+    seed and the same fine-tune settings, else the first finished control with the same seed.
+    A control is its own control (Δ = 0)."""
+    controls = cells[(cells["kind"] == "control") & (cells["status"] == "ok")]
+
+    def pick(seed: int, settings: Mapping[str, Any]) -> str | None:
+        same_seed = controls[controls["seed"] == seed]
+        if same_seed.empty:
+            return None
+        key = finetune_key(settings)
+        exact = same_seed[[finetune_key(s) == key for s in same_seed["settings"]]]
+        return str((exact if len(exact) else same_seed)["id"].iloc[0])
+
+    return pd.Series([pick(s, st) for s, st in zip(cells["seed"], cells["settings"])], index=cells.index,
+                     dtype=object)
+
+
+def paired_deltas(cells: pd.DataFrame) -> pd.DataFrame:
+    """``cells`` plus ``control`` (the matched control's id, see :func:`match_controls`) and
+    ``d_<split>_<metric>`` = cell − its control, for metric in ``DELTA_METRICS`` (NaN without a
+    control or a score)."""
+    out = cells.copy()
+    out["control"] = match_controls(cells)
+    by_id = cells.set_index("id")
+    for split in SPLITS:
+        for m in DELTA_METRICS:
+            col = f"{split}_{m}"
+            ref = out["control"].map(lambda c: by_id.at[c, col] if c is not None else np.nan).astype(float)
+            out[f"d_{col}"] = out[col].astype(float) - ref
+    return out
+
+
+def group_summary(deltas: pd.DataFrame, within_pp: float = 1.0) -> pd.DataFrame:
+    """One row per group (in the cells' order), over its finished cells (seeds): ``n_seeds``,
+    ``seeds``, ``n_failed``, ``n_pending``, mean ``params``/``flops``/``ratio_params``/``ratio_flops``,
+    ``<col>_mean`` and ``<col>_std`` (sample std, NaN for one seed) of every score and Δ column of
+    ``deltas`` (from :func:`paired_deltas`), and ``within_<split>``: True when the mean paired Δ of
+    Dice and of NSD@1 are both ≥ −``within_pp`` percentage points, None without a Δ."""
+    score_cols = [f"{s}_{m}" for s in SPLITS for m in METRICS] + [f"d_{s}_{m}" for s in SPLITS for m in DELTA_METRICS]
+    rows = []
+    for group, g in deltas.groupby("group", sort=False):
+        done = g[g["status"] == "ok"]
+        row: dict[str, Any] = {"group": group, "kind": g["kind"].iloc[0], "method": g["method"].iloc[0],
+                               "n_seeds": len(done), "seeds": sorted(int(s) for s in done["seed"]),
+                               "n_failed": int((g["status"] == "failed").sum()),
+                               "n_pending": int((g["status"] == "pending").sum())}
+        for col in ("params", "flops", "ratio_params", "ratio_flops"):
+            row[col] = done[col].mean()
+        for col in score_cols:
+            row[f"{col}_mean"], row[f"{col}_std"] = done[col].mean(), done[col].std(ddof=1)
+        for split in SPLITS:
+            means = [row[f"d_{split}_{m}_mean"] for m in DELTA_METRICS]
+            row[f"within_{split}"] = None if any(np.isnan(means)) else bool(min(means) >= -within_pp / 100)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pareto_mask(x: np.ndarray | pd.Series, y: np.ndarray | pd.Series) -> np.ndarray:
+    """Boolean mask of the points not dominated when both ``x`` and ``y`` are maximised: no other
+    point is ≥ in both and > in one (equal points are all kept). NaN points are never optimal."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    xo, yo = x[None, :], y[None, :]  # dominated[i, j]: point j dominates point i (NaN compares False)
+    dominated = (xo >= x[:, None]) & (yo >= y[:, None]) & ((xo > x[:, None]) | (yo > y[:, None]))
+    return ~(np.isnan(x) | np.isnan(y)) & ~dominated.any(axis=1)
+
+
+def per_class_table(sweep: Sweep, groups: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """Mean per-class scores over the finished seeds of each group: one row per group with at
+    least one finished cell, columns ``group`` and ``(<class>, <metric>)`` tuples (classes in the
+    order they first appear; NaN where no seed scored the class)."""
+    cells = sweep.cells[sweep.cells["status"] == "ok"]
+    classes: list[str] = []
+    rows = []
+    for group in groups.loc[groups["n_seeds"] > 0, "group"]:
+        per_seed = [((sweep.results[c].get("metrics") or {}).get(split) or {}).get("per_class") or {}
+                    for c in cells.loc[cells["group"] == group, "id"]]
+        classes += [str(k) for pc in per_seed for k in pc if str(k) not in classes]
+        row: dict[Any, Any] = {"group": group}
+        for cls in classes:
+            for m in METRICS:
+                vals = [_num((pc.get(cls) or {}).get(m)) for pc in per_seed if cls in pc]
+                row[(cls, m)] = float(np.nanmean(vals)) if vals and not np.all(np.isnan(vals)) else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["group", *((c, m) for c in classes for m in METRICS)])
+
+
+def layer_tables(sweep: Sweep, groups: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per compressed group with a finished cell that lists layers: the first seed's ``layers``
+    (columns ``name rank_in rank_out channels_in channels_out kept``; NaN where not given, e.g.
+    a layer kept dense or not pruned), keyed by group."""
+    cells = sweep.cells[(sweep.cells["status"] == "ok") & (sweep.cells["kind"] == "compressed")]
+    out = {}
+    for group in groups["group"]:
+        g = cells[cells["group"] == group].sort_values("seed")
+        layers = next((sweep.results[c].get("layers") for c in g["id"] if sweep.results[c].get("layers")), None)
+        if layers:
+            cols = ("name", "rank_in", "rank_out", "channels_in", "channels_out", "kept")
+            out[group] = pd.DataFrame([{c: (str(l.get(c)) if c == "name" else _num(l.get(c))) for c in cols}
+                                       for l in layers], columns=list(cols))
+    return out
