@@ -1,11 +1,18 @@
 """Bad input to every command: one line on stderr, exit code 2, no traceback, no output (nor a
 temporary folder) left, inputs untouched. Bugs: one line naming ``--debug`` and exit code 1;
-``--debug``/``MEDSLIM_DEBUG=1`` add the traceback. Cases fail before any model work."""
+``--debug``/``MEDSLIM_DEBUG=1`` add the traceback. Cases fail before any model work, except a
+full disk and an interrupted run, which happen while the output is written."""
 from __future__ import annotations
 
+import errno
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -227,6 +234,194 @@ def test_evaluate_accepts_float_maps_with_integral_values(label_folders, tmp_pat
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.parametrize("breakage, match", [
+    ("shape", "prediction shape (11, 10, 8) != reference shape (12, 10, 8)"),
+    ("affine", "prediction and reference affines differ"),
+    ("2d", "expected a 3D label map"),
+])
+def test_evaluate_refuses_maps_on_another_grid(label_folders, tmp_path, breakage, match):
+    pred, ref = label_folders
+    data = np.asanyarray(nib.load(str(pred / "c0.nii.gz")).dataobj)
+    if breakage == "shape":
+        _save(data[:-1], pred / "c0.nii.gz")
+    elif breakage == "affine":
+        nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 1.5, 1.0])), str(pred / "c0.nii.gz"))
+    else:
+        _save(data[:, :, 3], pred / "c0.nii.gz")
+    before = tree_digest(pred) + tree_digest(ref)
+    out = tmp_path / "out"
+    assert_user_error(run("evaluate", "--pred", pred, "--ref", ref, "-o", out, "--workers", "1"), out, match)
+    assert tree_digest(pred) + tree_digest(ref) == before
+
+
+# --- images that do not fit the model: 2D for 3D, wrong channel count ----------------------------
+
+HIPPO_IMAGE = SHARED / "Task04_Hippocampus" / "imagesTr" / "hippocampus_004.nii.gz"
+
+
+def _image(path: Path, how: str) -> Path:
+    """A Hippocampus MRI (36 × 52 × 38) as a 2D slice, a one-slice volume, or two channels in one 4D file."""
+    img = nib.load(str(HIPPO_IMAGE))
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    data = {"2d": data[:, :, 19], "slice": data[:, :, 19:20], "4d": np.stack([data, data], -1)}.get(how, data)
+    nib.save(nib.Nifti1Image(data, img.affine), str(path))
+    return path
+
+
+@pytest.mark.parametrize("layout, files, match", [
+    ("folder", {"c_0000.nii.gz": "2d"}, "c_0000.nii.gz is a 2D image (shape (36, 52)); model "),
+    ("file", {"ct.nii.gz": "slice"}, "ct.nii.gz is a single slice (shape (36, 52, 1))"),
+    ("folder", {"c_0000.nii.gz": "3d", "c_0001.nii.gz": "3d"}, "case c has 2 channel file(s) (c_0000, c_0001)"),
+    ("folder", {"c_0000.nii.gz": "3d", "d_0001.nii.gz": "3d"}, "case d has 1 channel file(s) (d_0001)"),
+    ("file", {"ct.nii.gz": "4d"}, "ct.nii.gz has 4 axes (shape (36, 52, 38, 2))"),
+], ids=["2d-image", "single-slice", "two-channels", "wrong-channel", "4d-file"])
+def test_predict_refuses_images_that_do_not_fit_the_model(reference_dir, tmp_path, layout, files, match):
+    """The reference model is 3D with one channel; nnU-Net would pad a slice into its patch or
+    ignore a channel file and write a plausible segmentation (exit 0 before)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, how in files.items():
+        _image(images / name, how)
+    source = images if layout == "folder" else images / next(iter(files))
+    before, out = tree_digest(images), tmp_path / "out"
+    assert_user_error(run("predict", reference_dir, "-i", source, "-o", out, "--backend", "torch"), out, match)
+    assert tree_digest(images) == before
+
+
+def test_evaluate_refuses_images_that_do_not_fit_the_model(reference_dir, tmp_path):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir(), labels.mkdir()
+    for name in ("c_0000.nii.gz", "c_0001.nii.gz"):
+        _image(images / name, "3d")
+    shutil.copy(SHARED / "Task04_Hippocampus" / "labelsTr" / "hippocampus_004.nii.gz", labels / "c.nii.gz")
+    before, out = tree_digest(images) + tree_digest(labels), tmp_path / "out"
+    result = run("evaluate", "--model", reference_dir, "--images", images, "--ref", labels, "-o", out)
+    assert_user_error(result, out, "case c has 2 channel file(s)")
+    assert tree_digest(images) + tree_digest(labels) == before
+
+
+# --- the machine refuses: a full disk ------------------------------------------------------------
+# Unprivileged tests cannot mount a small tmpfs. RLIMIT_FSIZE makes the kernel refuse every write
+# past N bytes (EFBIG; SIGXFSZ ignored, as a shell's `ulimit -f` with a trap would) on the same
+# write() path where a full disk refuses it (ENOSPC); torch.save reports either as a RuntimeError
+# without an errno. ENOSPC itself is raised in-process below.
+
+_FSIZE_DRIVER = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2)
+from medslim.cli import main
+sys.argv = ["medslim", *sys.argv[2:]]
+main()
+"""
+
+
+def run_process(driver: str, *args, timeout: float = 600) -> SimpleNamespace:
+    """``python -c driver *args`` (``driver`` ends by calling ``medslim.cli.main``), as a
+    CliRunner result: ``exit_code``, ``stdout``, ``stderr``, ``output``."""
+    p = subprocess.run([sys.executable, "-c", driver, *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout)
+    return SimpleNamespace(exit_code=p.returncode, stdout=p.stdout, stderr=p.stderr, output=p.stdout + p.stderr)
+
+
+@pytest.mark.parametrize("command, limit, match", [
+    (["compress", "{model}", "-o", "{out}"], 200_000, "the file system refused a write (a full disk or a file size limit)"),
+    (["evaluate", "--pred", "{pred}", "--ref", "{ref}", "-o", "{out}", "--workers", "1"], 100,
+     "a file exceeds the file size limit"),
+], ids=["compress", "evaluate"])
+def test_full_disk_is_one_line_and_leaves_nothing(reference_dir, label_folders, tmp_path, command, limit, match):
+    pred, ref = label_folders
+    before = tree_digest(reference_dir) + tree_digest(pred) + tree_digest(ref)
+    out = tmp_path / "out"
+    result = run_process(_FSIZE_DRIVER, limit, *(a.format(model=reference_dir, pred=pred, ref=ref, out=out)
+                                                 for a in command))
+    assert_user_error(result, out, match)
+    assert f"cannot write {out}" in stderr_lines(result)[0]
+    assert tree_digest(reference_dir) + tree_digest(pred) + tree_digest(ref) == before
+
+
+def test_no_space_left_is_one_line(label_folders, tmp_path, monkeypatch):
+    import medslim.evaluate.outputs as outputs
+
+    def full(path, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "write_csv", full)
+    pred, ref = label_folders
+    out = tmp_path / "out"
+    assert_user_error(run("evaluate", "--pred", pred, "--ref", ref, "-o", out, "--workers", "1"), out,
+                      f"cannot write {out}: the disk is full")
+
+
+# --- an interrupted run: Ctrl-C, SIGTERM, SIGKILL while the output is being written --------------
+
+_HANG_AFTER_SAVE_DRIVER = """
+import pathlib, sys, time, torch
+marker, save = pathlib.Path(sys.argv[1]), torch.save
+def save_then_hang(obj, f, *args, **kwargs):  # the checkpoint is written, the rest of the folder not yet
+    save(obj, f, *args, **kwargs)
+    marker.touch()
+    time.sleep(600)
+torch.save = save_then_hang
+from medslim.cli import main
+sys.argv = ["medslim", *sys.argv[2:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_interrupted_compress_leaves_no_output_and_the_next_run_succeeds(reference_dir, tmp_path, sig):
+    """Ctrl-C and SIGTERM: one line, exit 130, the half-written folder removed. SIGKILL cannot be
+    handled: only a hidden ``.out.tmp-…`` sibling stays, never taken for ``out``, and the next
+    run removes it (its process is gone) and writes ``out``."""
+    before, out, marker = tree_digest(reference_dir), tmp_path / "out", tmp_path / "checkpoint_written"
+    proc = subprocess.Popen([sys.executable, "-c", _HANG_AFTER_SAVE_DRIVER, str(marker), "compress",
+                             str(reference_dir), "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the compress run never reached its checkpoint"
+            time.sleep(0.2)
+        assert not out.exists() and len(list(tmp_path.glob(".out.tmp-*"))) == 1  # writing, out of sight
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert not out.exists()
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+        assert len(list(tmp_path.glob(".out.tmp-*"))) == 1
+    else:
+        line = one_line(SimpleNamespace(exit_code=proc.returncode, stderr=stderr, output=stdout + stderr), 130)
+        assert line == "error: interrupted", line
+        assert not list(tmp_path.glob(".out.*")), "temporary folder left behind"
+    result = run("compress", reference_dir, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert (out / "fold_0" / "checkpoint_final.pth").is_file() and (out / "compression_report.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_written", "out"]
+    assert tree_digest(reference_dir) == before
+
+
+def test_only_temporaries_of_dead_processes_on_this_host_are_removed(tmp_path):
+    import socket
+
+    from medslim.atomic import remove_stale_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host, out = socket.gethostname(), tmp_path / "out"
+    names = {f".out.tmp-{host}-{dead.pid}-x1": False, f".out.tmp-{host}-{os.getpid()}-x2": True,
+             f".out.tmp-{host}-1-x3": True, f".out.tmp-other-host-{dead.pid}-x4": True, f".out2.tmp-{host}-{dead.pid}-x5": True}
+    for name in names:
+        (tmp_path / name).mkdir()
+    assert remove_stale_temporaries(out) == [tmp_path / f".out.tmp-{host}-{dead.pid}-x1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, stays in names.items() if stays)
+
+
 # --- bugs: one line with a pointer to --debug; --debug shows the traceback ----------------------
 
 def _raise(exc: BaseException):
@@ -302,6 +497,7 @@ def test_console_script_main(monkeypatch, capsys, reference_dir, tmp_path):
     from medslim.cli import main
 
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # typer's app() installs its own
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # main()'s SIGTERM handler: not in pytest
     out = tmp_path / "out"
     for argv, match in ((["compress", str(reference_dir), "-o", str(out), "--df", "abc"], "'--df'"),
                         (["compress", str(reference_dir), "-o", str(out), "--prunee", "0.5"], "did you mean --prune"),

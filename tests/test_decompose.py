@@ -4,7 +4,6 @@ policies, the rank guard, rebuild-from-spec round trips and user errors."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -220,10 +219,7 @@ def test_totalsegmentator_3mm_architecture_at_df_0_3():
                         nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
     net.apply(PlainConvUNet.initialize)
     net.eval()
-    t = time.perf_counter()
-    new, rec = decompose_network(net, df(0.3))
-    seconds = time.perf_counter() - t
-    assert seconds < 10, f"decomposition took {seconds:.1f} s"
+    new, rec = decompose_network(net, df(0.3))  # speed is measured in scripts/bench_compression.py
     assert rec.skipped == [] and len(rec.ranks) == 22
     assert n_params(new) < n_params(net) / 5  # 16.6 M → 2.0 M
     assert n_params(net) - n_params(new) == rec.params_saved()
@@ -253,15 +249,35 @@ def test_hosvd_error_obeys_the_discarded_energy_bound(net, x):
 
 
 @pytest.mark.parametrize("layer", ["encoder.stages.2.0.convs.1.conv", "decoder.transpconvs.0"])
-def test_hooi_is_not_worse_than_hosvd(net, layer):
+def test_hooi_runs_and_beats_hosvd(net, layer, monkeypatch):
+    """Both channel modes truncated below their rank bound: HOOI really iterates (spied) and
+    lowers the error (measured 0.892 → 0.878 and 0.877 → 0.845 at DF 0.3)."""
+    import medslim.decompose.tucker as tucker
+
+    calls, real = [], tucker._hooi
+    monkeypatch.setattr(tucker, "_hooi", lambda *a, **k: calls.append(1) or real(*a, **k))
     conv = dict(net.named_modules())[layer]
     ranks = df(0.3)(conv.weight, transposed=conv.transposed).to_list()
     hosvd = tucker2_factors(conv.weight, *ranks, transposed=conv.transposed)
     hooi = tucker2_factors(conv.weight, *ranks, transposed=conv.transposed, method="hooi")
-    assert hooi.rel_error <= hosvd.rel_error + 1e-7
+    assert calls == [1]
+    assert hooi.rel_error < hosvd.rel_error - 5e-3, (hooi.rel_error, hosvd.rel_error)
     assert hooi.core.shape == hosvd.core.shape
     for u in (hooi.u_in, hooi.u_out):
         assert torch.allclose(u.T @ u, torch.eye(u.shape[1]), atol=1e-5)
+
+
+def test_hooi_falls_back_to_hosvd_only_where_hosvd_is_optimal(net, monkeypatch):
+    """One truncated mode (Eckart–Young) or a rank at its unfolding's bound: HOSVD is optimal,
+    HOOI is skipped and the factors are the HOSVD's exactly."""
+    import medslim.decompose.tucker as tucker
+
+    monkeypatch.setattr(tucker, "_hooi", lambda *a, **k: pytest.fail("HOOI ran where HOSVD is optimal"))
+    conv = net.encoder.stages[2][0].convs[1].conv  # 64 → 64, 3³: unfoldings 64 × 1728
+    for ranks in ((None, 20), (20, None), (64, 20)):
+        hosvd = tucker2_factors(conv.weight, *ranks)
+        hooi = tucker2_factors(conv.weight, *ranks, method="hooi")
+        assert torch.equal(hooi.core, hosvd.core) and hooi.rel_error == hosvd.rel_error
 
 
 @pytest.mark.parametrize("layer", ["decoder.transpconvs.0", "encoder.stages.1.0.convs.0.conv"])

@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import assert_user_error, tree_digest as digest
@@ -150,9 +151,24 @@ def test_conflicting_modes(folders, tmp_path):
     assert_user_error(run("--model", ref, "--ref", ref, "-o", out), out, "not an nnU-Net results folder")
 
 
+def swapped_labels_model(reference_dir: Path, dst: Path) -> Path:
+    """A copy of the reference model whose segmentation heads emit Posterior where the
+    original emits Anterior and vice versa (output rows 1 and 2 of every head swapped)."""
+    shutil.copytree(reference_dir, dst)
+    path = dst / "fold_0" / "checkpoint_final.pth"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    for k, v in ckpt["network_weights"].items():
+        if ".seg_layers." in k:
+            v[[1, 2]] = v[[2, 1]].clone()
+    torch.save(ckpt, path)
+    return dst
+
+
 def test_predict_first_and_fidelity(reference_dir, tmp_path, monkeypatch):
     """The embedded reference nnU-Net on one held-out case: scored against the manual label,
-    and against itself (fidelity mode: every score is exactly 1)."""
+    and the fidelity of a second model to it. The second model swaps the two labels, so its
+    Dice to the original is 0 for both classes and each class's predicted voxels are the
+    original's voxels of the other class (a self-comparison would give 1 and equal counts)."""
     monkeypatch.setenv("nnUNet_extTrainer", str(REPO / "nnunet_plugin"))
     images = tmp_path / "imagesTs"
     images.mkdir()
@@ -160,14 +176,16 @@ def test_predict_first_and_fidelity(reference_dir, tmp_path, monkeypatch):
     labels = tmp_path / "labelsTs"
     labels.mkdir()
     shutil.copy(HIPPO / "labelsTr" / f"{CASES[0]}.nii.gz", labels)
+    swapped = swapped_labels_model(reference_dir, tmp_path / "swapped")
     out = tmp_path / "fidelity"
-    result = run("--model", reference_dir, "--ref-model", reference_dir, "--images", images, "-o", out)
+    result = run("--model", swapped, "--ref-model", reference_dir, "--images", images, "-o", out)
     assert result.exit_code == 0, result.output
     frame = pd.read_csv(out / "per_case.csv")
     assert list(frame["class"]) == ["Anterior", "Posterior"]  # names from the model's dataset.json
-    scored = frame.dropna(subset=["dice"])
-    assert len(scored) >= 1 and (scored["dice"] == 1.0).all() and (scored["nsd"] == 1.0).all()
-    assert json.loads((out / "summary.json").read_text())["inputs"]["mode"] == "fidelity"
+    assert (frame["ref_voxels"] > 100).all() and (frame["dice"] == 0.0).all()
+    assert frame["pred_voxels"].tolist() == frame["ref_voxels"].tolist()[::-1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["inputs"]["mode"] == "fidelity" and summary["overall"]["dice"]["mean"] == 0.0
     out2 = tmp_path / "vs_labels"
     result = run("--model", reference_dir, "--images", images, "--ref", labels, "-o", out2)
     assert result.exit_code == 0, result.output

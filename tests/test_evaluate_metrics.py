@@ -174,3 +174,24 @@ def test_dice_per_class_keeps_its_semantics():
     pred = np.array([[[1, 1, 0, 0]]])
     d = dice_per_class(pred, ref, [1, 2, 3])
     assert d[1] == pytest.approx(0.5) and d[2] == 0.0 and np.isnan(d[3])
+
+
+def test_one_aggregation_spec7_mean_over_present_classes_then_cases(tmp_path):
+    """Case a: label 1 perfect, label 2 missed (case mean 0.5); case b: only label 1 in the
+    reference, perfect (1.0). SPEC §7: (0.5 + 1.0) / 2 = 0.75; averaging per label first
+    would give (1.0 + 0.0) / 2 = 0.5. ``mean_dice_folder`` and ``medslim evaluate`` agree."""
+    from medslim.evaluate import evaluate_command, mean_dice_folder
+
+    pred, ref = tmp_path / "pred", tmp_path / "ref"
+    pred.mkdir(), ref.mkdir()
+    r = np.zeros((6, 6, 6), np.uint8)
+    r[:2], r[4:] = 1, 2
+    p = np.where(r == 2, 0, r).astype(np.uint8)
+    for case, (rr, pp) in {"a": (r, p), "b": (np.where(r == 2, 0, r).astype(np.uint8), p)}.items():
+        nib.save(nib.Nifti1Image(rr, np.eye(4)), str(ref / f"{case}.nii.gz"))
+        nib.save(nib.Nifti1Image(pp, np.eye(4)), str(pred / f"{case}.nii.gz"))
+    d = mean_dice_folder(pred, ref, ["a", "b"], [1, 2])
+    assert d["mean"] == pytest.approx(0.75)
+    assert d["mean_per_label"] == {1: pytest.approx(1.0), 2: pytest.approx(0.0)}
+    assert d["per_case"]["a"] == {1: 1.0, 2: 0.0} and d["per_case"]["b"][1] == 1.0 and np.isnan(d["per_case"]["b"][2])
+    assert evaluate_command(pred, ref, workers=1).summary["overall"]["dice"]["mean"] == pytest.approx(0.75)

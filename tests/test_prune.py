@@ -6,34 +6,53 @@ import copy
 
 import pytest
 import torch
+from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD
 from torch import nn
 
 from medslim.compress import CompressConfig, compress_network
-from medslim.decompose import decompose_network, get_rank_policy
+from medslim.decompose import TuckerConv, decompose_network, get_rank_policy
 from medslim.errors import MedslimError
 from medslim.network import CompressedUNet, compressed_arch
 from medslim.prune import example_input, keep_top_k, prunable_layers, prune_network
 
 
-def zero_removed(net: nn.Module, kept: dict[str, tuple[int, ...]]) -> list:
-    """Hooks that zero the removed channels where they leave their block: after
-    conv → norm → nonlin for nnU-Net blocks, right after the conv otherwise."""
-    modules = dict(net.named_modules())
-    hooks = []
-    for name, keep in kept.items():
-        target = modules[name]
-        for parent_name, parent in modules.items():  # the ConvDropoutNormReLU whose first module holds it
-            mods = getattr(parent, "all_modules", None)
-            if mods is not None and (mods[0] is target or (isinstance(mods[0], nn.Sequential) and list(mods[0])[-1] is target)):
-                target = parent
-                break
+def _mask_target(modules: dict[str, nn.Module], name: str) -> nn.Module:
+    """Where zeroing the output channels of conv ``name`` equals removing them: the residual
+    block when the conv feeds its addition (its last conv or its skip; the sum then passes
+    the block's final nonlinearity), else the ``ConvDropoutNormReLU`` holding it (after norm
+    and nonlin), else the conv itself (also a rank inside a Tucker unit: the next conv follows)."""
+    target = modules[name]
+    unit = modules.get(name.rpartition(".")[0])
+    if isinstance(unit, TuckerConv) and target is not list(unit)[-1]:
+        return target
+    for block_name, block in modules.items():
+        if isinstance(block, (BasicBlockD, BottleneckD)):
+            last = "conv3" if isinstance(block, BottleneckD) else "conv2"
+            if any(name.startswith(f"{block_name}.{part}.") for part in (last, "skip")):
+                return block
+    for parent in modules.values():  # the ConvDropoutNormReLU whose first module holds it
+        mods = getattr(parent, "all_modules", None)
+        if mods is not None and (mods[0] is target or (isinstance(mods[0], nn.Sequential) and list(mods[0])[-1] is target)):
+            return parent
+    return target
 
-        def hook(m, i, o, keep=keep):
-            mask = torch.zeros(o.shape[1], dtype=o.dtype)
-            mask[list(keep)] = 1
-            return o * mask.view(1, -1, *([1] * (o.dim() - 2)))
-        hooks.append(target.register_forward_hook(hook))
-    return hooks
+
+def _zero_all_but(keep: tuple[int, ...]):
+    """A forward hook zeroing every output channel not in ``keep``."""
+    def hook(m, i, o):
+        mask = torch.zeros(o.shape[1], dtype=o.dtype)
+        mask[list(keep)] = 1
+        return o * mask.view(1, -1, *([1] * (o.dim() - 2)))
+    return hook
+
+
+def zero_removed(net: nn.Module, kept: dict[str, tuple[int, ...]],
+                 members: dict[str, list[str]] | None = None) -> list:
+    """Hooks that zero the removed channels of every pruned layer (``members[root]``, default
+    the root alone) where they leave their block (see ``_mask_target``)."""
+    modules = dict(net.named_modules())
+    return [_mask_target(modules, name).register_forward_hook(_zero_all_but(keep))
+            for root, keep in kept.items() for name in (members or {}).get(root, [root])]
 
 
 def random_scores(net, layers, seed=0):
@@ -117,6 +136,51 @@ def test_residual_encoder_unet_groups_coupled_channels():
     assert pruned(x).shape == (1, 3, 32, 32, 32)
     pruned.decoder.deep_supervision = True  # auxiliary heads follow the pruned channels
     assert [o.shape[1] for o in pruned(x)] == [3, 3, 3]
+
+
+def resenc(block: type = BasicBlockD) -> nn.Module:
+    """A small ``ResidualEncoderUNet`` with random InstanceNorm γ/β (β = 0 at init would hide
+    the difference between masking and removal)."""
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
+    torch.manual_seed(0)
+    net = ResidualEncoderUNet(1, 4, [8, 16, 32, 64], nn.Conv3d, 3, [1, 2, 2, 2], [1, 2, 2, 2], 3, [1, 1, 1],
+                              conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"affine": True},
+                              nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=False,
+                              block=block, bottleneck_channels=[4, 8, 16, 32] if block is BottleneckD else None)
+    for m in net.modules():
+        if isinstance(m, nn.InstanceNorm3d):
+            nn.init.normal_(m.weight, 1.0, 0.2), nn.init.normal_(m.bias, 0.0, 0.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("block, site", [(BasicBlockD, "outer"), (BasicBlockD, "all"), (BottleneckD, "outer")],
+                         ids=["basic-outer", "basic-all", "bottleneck-outer"])
+def test_resenc_removal_equals_masking_at_block_outputs(block, site):
+    """SPEC §3 on ``ResidualEncoderUNet``: removing a residual group's channels equals zeroing
+    them where every member's block ends (after the addition and the block's nonlinearity);
+    zeroing them right after the convolutions does not (InstanceNorm turns a zero channel into
+    β, and the skip still adds)."""
+    from medslim.prune.sites import stem_output
+
+    net = decompose_network(resenc(block), get_rank_policy("df", df=0.5))[0].eval()
+    layers = prunable_layers(net, site)
+    pruned, record = prune_network(net, layers, random_scores(net, layers), 0.5, example_input(net, 1),
+                                   protect=(stem_output(net),))
+    assert any(len(m) > 1 for m in record.members.values()), "no residual group was pruned"
+    x = torch.randn(1, 1, 32, 32, 32)
+    masked = copy.deepcopy(net)
+    zero_removed(masked, record.kept, record.members)
+    naive = copy.deepcopy(net)
+    modules = dict(naive.named_modules())
+    for root, keep in record.kept.items():
+        for name in record.members[root]:
+            modules[name].register_forward_hook(_zero_all_but(keep))
+    with torch.no_grad():
+        got, want, wrong = pruned(x), masked(x), naive(x)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in net.parameters())
+    torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)
+    assert (got - wrong).abs().max() > 1e-2 * want.abs().max()
 
 
 def test_deep_supervision_heads_follow_pruning(reference, hippo_patch):

@@ -128,28 +128,73 @@ def test_mass_conserved_through_residual_blocks(engine):
     assert float(p.outputs["encoder.stages.0"].sum()) == pytest.approx(p.seeded, rel=1e-5)
 
 
-def test_mass_conserved_resnet18_basic_block():
-    from torchvision.models import resnet18
+def _resnet18(library: str) -> nn.Module:
     torch.manual_seed(0)
-    net = resnet18(weights=None, num_classes=2)
+    if library == "timm":
+        import timm
+        return timm.create_model("resnet18", pretrained=False, num_classes=2)
+    from torchvision.models import resnet18
+    return resnet18(weights=None, num_classes=2)
+
+
+@pytest.mark.parametrize("library", ["torchvision", "timm"])
+def test_mass_conserved_resnet18_basic_block(library):
+    """Both libraries write ``x += shortcut`` in their own ``BasicBlock``; the addition is found
+    in the forward pass, so each addend gets half and the mass stays 2 at every cut."""
+    net = _resnet18(library)
     ctx = ScoreContext(input_shape=(1, 3, 28, 28), engine="spatial", **RAW)
-    p = propagate(net, ctx, outputs_of=["layer2.0", "layer2.0.conv2", "layer2.0.downsample.0"],
+    p = propagate(net, ctx, outputs_of=["layer2.0", "layer2.0.conv2", "layer2.0.downsample.0", "layer4.1"],
                   inputs_of=["layer2.0"])
     assert p.seeded == 2 and p.input_mass == pytest.approx(2, rel=1e-5)
-    for t in (p.inputs["layer2.0"], p.outputs["layer2.0"]):
+    for t in (p.inputs["layer2.0"], p.outputs["layer2.0"], p.outputs["layer4.1"]):
         assert float(t.sum()) == pytest.approx(2, rel=1e-5)
     torch.testing.assert_close(p.outputs["layer2.0.conv2"], p.outputs["layer2.0"] / 2)
     torch.testing.assert_close(p.outputs["layer2.0.downsample.0"], p.outputs["layer2.0"] / 2)
 
 
-def test_unknown_residual_addition_is_reported(caplog):
+def test_timm_and_torchvision_resnet18_score_alike():
+    """Same weights in both libraries' ResNet-18 → the same HVS scores (the libraries differ only
+    in how their blocks are written)."""
+    tv, tm = _resnet18("torchvision"), _resnet18("timm")
+    tm.load_state_dict(tv.state_dict())
+    layers = ["layer1.0.conv1", "layer2.1.conv2", "layer3.0.downsample.0", "layer4.1.conv1"]
+    ctx = ScoreContext(input_shape=(1, 3, 32, 32), engine="spatial")
+    a, b = get_criterion("hvs")(tv, layers, ctx), get_criterion("hvs")(tm, layers, ctx)
+    for n in layers:
+        torch.testing.assert_close(a[n], b[n])
+
+
+def test_any_two_map_addition_is_a_residual():
+    """A hand-written block (``x + conv(x)``, ``add_`` in place, ``torch.add``) and a
+    squeeze-excitation gate: mass is conserved without knowing the block classes."""
+    class Block(nn.Module):
+        def __init__(self, how: str):
+            super().__init__()
+            self.conv, self.fc, self.how = nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 1), how
+
+        def forward(self, x):
+            y = self.conv(x)
+            if self.how == "gate":
+                return y * torch.sigmoid(self.fc(y.mean((2, 3), keepdim=True))) + x
+            return {"plus": lambda: x + y, "add_": lambda: y.add_(x), "torch.add": lambda: torch.add(y, x)}[self.how]()
+
+    for how in ("plus", "add_", "torch.add", "gate"):
+        torch.manual_seed(0)
+        net = nn.Sequential(Block(how), Block(how), nn.Conv2d(2, 1, 1))
+        p = propagate(net, ScoreContext(input_shape=(1, 2, 5, 5), engine="spatial", **RAW),
+                      outputs_of=["0.conv", "1"])
+        assert p.input_mass == pytest.approx(p.seeded, rel=1e-5), how
+        torch.testing.assert_close(p.outputs["0.conv"].sum(), p.outputs["1"].sum() / 2)
+
+
+def test_unrecognised_merge_is_reported(caplog):
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(2, 2, 3, padding=1)
 
         def forward(self, x):
-            return x + self.conv(x)
+            return torch.stack([x, self.conv(x)]).sum(0)  # a sum, but not a two-operand addition
 
     net = nn.Sequential(Block(), nn.Conv2d(2, 1, 1))
     with caplog.at_level(logging.WARNING, logger="medslim.score.propagate"):

@@ -29,7 +29,7 @@ def sweep_file(tmp_path: Path, work: Path, **overrides) -> Path:
             "controls": ["original", "control"], "evaluate": {"max_cases": 2}}
     spec.update(overrides)
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
 
@@ -63,10 +63,25 @@ def test_grid_expands_to_cells_with_every_control(tmp_path):
     assert "df" not in control.settings  # the control's fine-tune is the grid point's, minus compression
 
 
+def test_variants_are_merged_into_every_grid_point(tmp_path):
+    spec = load_sweep(sweep_file(tmp_path, tmp_path, grid={"kd_weight": [0.0, 1.0]}, controls=["control"],
+                                 variants=[{"df": 0.25, "prune_ratio": 0.5},
+                                           {"rank_policy": "budget", "budget": 0.08, "prune_ratio": 0.0}]))
+    compressed = [c for c in expand(spec) if c.kind == "compressed"]
+    assert len(compressed) == 4
+    budget = [c for c in compressed if c.settings.get("rank_policy") == "budget"]
+    assert len(budget) == 2 and all("df" not in c.settings and c.method.startswith("hvs+budget") for c in budget)
+    assert "compressed__kd_weight-1.0__rank_policy-budget__budget-0.08__prune_ratio-0.0__s7" in {c.id for c in budget}
+    assert sorted(c.id for c in expand(spec) if c.kind == "control") == ["control__kd_weight-0.0__s7",
+                                                                          "control__kd_weight-1.0__s7"]
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"grid": {"criterion": ["hvs", "magic"]}}, "unknown criterion 'magic'"),
     ({"grid": {"df": [0.3, 1.5]}}, "--df must be in (0, 1]"),
     ({"controls": ["teacher"]}, "unknown control(s) teacher"),
+    ({"variants": [{"budget": 2.0, "rank_policy": "budget"}]}, "--budget must be in (0, 1]"),
+    ({"variants": {"df": 0.3}}, "'variants' must be a list of mappings"),
     ({"learning_rate": 1}, "unknown key(s) learning_rate"),
     ({"finetune": {"optimiser": "sgd"}}, "unknown key(s) optimiser"),
 ])

@@ -1,13 +1,18 @@
 """Outputs that appear complete or not at all: write into a temporary sibling, then rename.
 
 Every command that writes a folder or a file goes through these, so a failure (bad input
-found late, Ctrl-C, a crash) never leaves a half-written output behind.
+found late, Ctrl-C, SIGTERM, a crash) never leaves a half-written output behind. A run killed
+outright (SIGKILL, power loss) cannot clean up: its hidden ``.OUT.tmp-<host>-<pid>-…`` sibling
+is never taken for ``OUT``, and the next write of ``OUT`` removes it once that process is gone.
+A write the file system refuses (disk full, quota, file size limit) is a ``MedslimError``.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -51,16 +56,17 @@ def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     out = Path(out).expanduser().resolve()
     check_output_folder(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; outputs get the usual mode
     try:
         yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise write_refused(e, out) or e
 
 
 @contextlib.contextmanager
@@ -69,16 +75,71 @@ def atomic_file(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     out = Path(out).expanduser().resolve()
     check_output_file(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix="".join(out.suffixes), dir=out.parent)
+    remove_stale_temporaries(out)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(out), suffix="".join(out.suffixes), dir=out.parent)
     os.close(fd)
     tmp = Path(name)
     os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        raise write_refused(e, out) or e
+
+
+_REFUSED = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EFBIG: "a file exceeds the file size limit"}
+# torch.save reports a failed write of its zip archive as a RuntimeError without an errno
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter failed", "unexpected pos", "file write failed")
+
+
+def write_refused(e: BaseException, out: Path) -> MedslimError | None:
+    """A ``MedslimError`` naming ``out`` if ``e`` is the file system refusing a write (full
+    disk, quota, file size limit; also as torch.save reports it), else ``None``."""
+    if isinstance(e, OSError) and e.errno in _REFUSED:
+        reason = _REFUSED[e.errno]
+    elif isinstance(e, RuntimeError) and "inline_container" in str(e) and any(m in str(e) for m in _TORCH_WRITE_FAILED):
+        reason = "the file system refused a write (a full disk or a file size limit)"
+    else:
+        return None
+    return MedslimError(f"cannot write {out}: {reason}; nothing was written — free some space or choose "
+                        f"another output folder")
+
+
+def _host_prefix(out: Path) -> str:
+    return f".{out.name}.tmp-{socket.gethostname()}-"
+
+
+def _temp_prefix(out: Path) -> str:
+    """``.OUT.tmp-<host>-<pid>-``: hidden, and names the process that may still be writing it."""
+    return f"{_host_prefix(out)}{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the temporary siblings of ``out`` left by killed runs on this host (their process
+    no longer exists); returns what was removed. Temporaries of live processes, of other hosts,
+    and anything not named by :func:`_temp_prefix` are left alone."""
+    prefix, removed = _host_prefix(out), []
+    for p in out.parent.iterdir():
+        pid = p.name[len(prefix):].split("-", 1)[0] if p.name.startswith(prefix) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def _umask() -> int:

@@ -5,6 +5,7 @@ errors), 1 for bugs (``medslim --debug ...`` shows the traceback); see :mod:`med
 """
 from __future__ import annotations
 
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -148,10 +149,12 @@ def predict(
     outputs (<structure>.nii.gz per class, or --ml); a folder gives nnU-Net label maps."""
     from medslim.atomic import atomic_folder, check_output_folder
     from medslim.load import load_model
+    from medslim.load.images import check_images_fit
     from medslim.predict import predict_folder, segment_image
 
     dev, options = _runtime_choice(device, backend, threads)
     loaded = load_model(model, fold, checkpoint)  # validates the folder; resolves TotalSegmentator tasks
+    check_images_fit(input, loaded.num_input_channels, len(loaded.patch_size), f"model {loaded.folder}")
     if input.is_dir():
         if ml or roi_subset:
             raise MedslimError("--ml and --roi-subset apply to a single image; a folder gives nnU-Net label maps")
@@ -302,9 +305,16 @@ def print_report(report: dict) -> None:
     out_console.print("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in report["seconds"].items()))
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
-    """The console script: every failure is one stderr line (see ``MedslimGroup``); exits."""
+    """The console script: every failure is one stderr line (see ``MedslimGroup``); exits.
+    SIGTERM (``kill``, a job scheduler's time limit) is handled as Ctrl-C: outputs being
+    written are removed (``medslim.atomic``), exit code 130."""
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")  # raised by importing torch_pruning
+    signal.signal(signal.SIGTERM, _interrupt)
     app(prog_name="medslim")
 
 

@@ -134,7 +134,7 @@ def handle_exception(e: BaseException, debug: bool = False) -> int:
             except Exception:
                 pass
         return e.exit_code
-    if debug and not isinstance(e, (KeyboardInterrupt, _click_exc.UsageError)):
+    if debug and not isinstance(e, (KeyboardInterrupt, Interrupted, _click_exc.UsageError)):
         _print_traceback(e)
     if isinstance(e, MedslimError):
         print_error(str(e) or type(e).__name__)
@@ -151,7 +151,7 @@ def handle_exception(e: BaseException, debug: bool = False) -> int:
     if isinstance(e, (typer.Abort, getattr(_click_exc, "Abort", typer.Abort))):
         print_error("aborted")
         return EXIT_INTERNAL
-    if isinstance(e, KeyboardInterrupt):
+    if isinstance(e, (KeyboardInterrupt, Interrupted)):
         print_error("interrupted")
         return EXIT_INTERRUPTED
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
@@ -161,6 +161,11 @@ def handle_exception(e: BaseException, debug: bool = False) -> int:
         return EXIT_USER
     print_error(_internal_message(e))
     return EXIT_INTERNAL
+
+
+class Interrupted(Exception):
+    """Ctrl-C (or SIGTERM, see ``medslim.cli.main``) during a command. Typer would turn the
+    ``KeyboardInterrupt`` into a silent exit 130; this reaches :func:`handle_exception`."""
 
 
 class MedslimGroup(TyperGroup):
@@ -188,3 +193,9 @@ class MedslimGroup(TyperGroup):
             sys.exit(code)
         # non-standalone Click returns the code of a typer.Exit (--help: 0); commands return None
         sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            raise Interrupted() from e

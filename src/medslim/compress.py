@@ -166,7 +166,7 @@ def compress_network(net: nn.Module, config: CompressConfig, input_shape: Sequen
     seconds["score"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    example = example_input(decomposed, int(input_shape[1]), ndim=len(input_shape) - 2)
+    example = example_input(decomposed, int(input_shape[1]))
     protect = () if config.prune_stem else (stem_output(decomposed),)
     pruned, prec = prune_network(decomposed, layers if scores else [], scores, config.prune_ratio, example,
                                  protect=protect, progress=(lambda name: progress("prune", name)) if progress else None,

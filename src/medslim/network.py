@@ -46,7 +46,8 @@ def build_base_network(class_name: str, arch_kwargs: Mapping[str, Any], requires
 
 def rebuild(base: nn.Module, spec: CompressionSpec, input_channels: int) -> nn.Module:
     """``base`` with a spec's structure: Tucker ranks, then kept channels. Weights are
-    placeholders; load a state dict afterwards. ``base`` may be modified."""
+    placeholders; load a state dict afterwards. ``base`` may be modified. 2D or 3D, as
+    ``base`` convolves (the plans' ``conv_op``)."""
     net = apply_ranks(base, spec.ranks) if spec.ranks else base
     return apply_kept(net, spec.kept, example_input(net, input_channels))
 

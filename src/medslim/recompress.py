@@ -77,7 +77,7 @@ def compress_further(net: CompressedUNet, config: CompressConfig, rank_factor: f
         ctx = ScoreContext(input_shape=tuple(input_shape), engine=config.engine, seed=config.seed,
                            calibration=calibration, calibration_target=calibration_target)
         scores = get_criterion(config.criterion)(work, layers, ctx)
-        example = example_input(work, int(input_shape[1]), ndim=len(input_shape) - 2)
+        example = example_input(work, int(input_shape[1]))
         protect = () if config.prune_stem else (stem_output(work),)
         work, record = prune_network(work, layers, scores, config.prune_ratio, example, protect=protect)
         kept = record.kept

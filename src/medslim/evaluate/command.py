@@ -38,9 +38,12 @@ def _one_of(a: Any, b: Any, names: str) -> None:
         raise MedslimError(f"give exactly one of {names}")
 
 
-def _check_images(images: Path | None, cases: Sequence[str] | None) -> Path:
+def _check_images(images: Path | None, cases: Sequence[str] | None, models: Sequence[Path], fold: str) -> Path:
+    """``images`` as a folder every model in ``models`` can be run on (channels, 2D/3D)."""
     if images is None:
         raise MedslimError("--model/--ref-model need --images (nnU-Net <case>_0000.nii.gz files)")
+    from medslim.load import load_results_folder
+    from medslim.load.images import check_images_fit
     from medslim.predict import check_image_folder
 
     images = check_image_folder(images)
@@ -48,6 +51,9 @@ def _check_images(images: Path | None, cases: Sequence[str] | None) -> Path:
         missing = [c for c in cases if not (images / f"{c}_0000.nii.gz").exists()]
         if missing:
             raise MedslimError(f"{len(missing)} reference case(s) have no image in {images}: {', '.join(missing[:5])}")
+    for m in models:
+        loaded = load_results_folder(m, fold)
+        check_images_fit(images, loaded.num_input_channels, len(loaded.patch_size), f"model {m}")
     return images
 
 
@@ -83,7 +89,8 @@ def evaluate_command(pred: str | Path | None = None, ref: str | Path | None = No
     work = Path(tempfile.mkdtemp(prefix="medslim-eval-"))
     try:
         if model is not None or ref_model is not None:
-            img = _check_images(images, list(reference_cases(ref, split)[1]) if ref is not None else None)
+            img = _check_images(images, list(reference_cases(ref, split)[1]) if ref is not None else None,
+                                [Path(m) for m in (model, ref_model) if m is not None], fold)
             select_classes(dataset_json_class_map(dataset_json), classes)  # fail before minutes of prediction
             from medslim.predict import predict_folder
 

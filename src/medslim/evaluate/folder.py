@@ -18,7 +18,7 @@ from medslim.errors import MedslimError
 from medslim.evaluate.layouts import (Case, Dataset, LabelMap, check_same_grid, find_cases, labels_present,
                                       read_label_map, select_classes)
 from medslim.evaluate.metrics import ClassScores, score_label_maps
-from medslim.evaluate.outputs import Table, to_frame
+from medslim.evaluate.outputs import Table, summarize, to_frame
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -220,3 +220,25 @@ def evaluate_folder(pred: str | Path, ref: str | Path, *, tolerance: float = 3.0
     data = find_cases(pred, ref, split, dataset_json)
     return to_frame(score_dataset(data, labels=select_classes(data.classes, classes), tolerance=tolerance,
                                   workers=workers, console=console))
+
+
+def mean_dice_folder(pred: str | Path, ref: str | Path, cases: Sequence[str], labels: Sequence[int]) -> dict:
+    """Dice of ``<case>.nii.gz`` label maps in two folders, aggregated as ``medslim evaluate``
+    does (SPEC §7, :func:`~medslim.evaluate.outputs.summarize`): per case the mean over the
+    ``labels`` present in its reference, then the mean over cases.
+
+    Returns:
+        ``{"per_case": {case: {label: dice}}, "mean_per_label": {label: mean over the cases
+        whose reference has it}, "mean": the SPEC §7 mean}``; a mean of no values is None.
+
+    Raises:
+        MedslimError: a missing or unreadable file, shape/affine mismatch (see :func:`evaluate_case`).
+    """
+    data = Dataset("nnunet", tuple(Case(c, Path(pred) / f"{c}.nii.gz", Path(ref) / f"{c}.nii.gz") for c in cases), None)
+    table = score_dataset(data, labels=list(labels), workers=1)
+    summary = summarize(table, tolerance=3.0)
+    per_case = {c: {} for c in cases}
+    for case, label, dice in zip(table["case"].tolist(), table["class_id"].tolist(), table["dice"].tolist()):
+        per_case[case][label] = dice
+    return {"per_case": per_case, "mean": summary["overall"]["dice"]["mean"],
+            "mean_per_label": {lab: summary["classes"][str(lab)]["dice"]["mean"] for lab in labels}}

@@ -118,6 +118,8 @@ def _license_text(model: NnUNetModel) -> str:
 def _readme(model: NnUNetModel, meta: dict[str, Any], config: dict[str, Any]) -> str:
     reorient = any(t["_target_"] == "Orientationd" for t in config["preprocessing"]["transforms"])
     diffs = "\n".join(f"- {d}" for d in DIFFERENCES)
+    slices = len(model.patch_size) == 2  # a 2d configuration: in-plane spacing, one slice at a time
+    window = f"{'each slice along the first axis: ' if slices else ''}sliding window"
     return f"""# {meta['name']}
 
 {meta['description'].split('; see')[0]}.
@@ -131,8 +133,8 @@ Every `IMAGES/*.nii.gz` (one channel, e.g. nnU-Net's `<case>_0000.nii.gz`) is se
 
 Pipeline: load → {'reorient to RAS → ' if reorient else ''}crop to
 the nonzero box → {model.configuration['normalization_schemes'][0]} → resample to
-{model.configuration['spacing']} mm → transpose to the network's axis order
-→ sliding window (patch {model.patch_size}, overlap 0.5, Gaussian) → undo transpose, resampling
+{model.configuration['spacing']} mm{' in-plane' if slices else ''} → transpose to the network's axis order
+→ {window} (patch {model.patch_size}, overlap 0.5, Gaussian) → undo transpose, resampling
 and crop on the logits → argmax → save.
 
 Differences from `nnUNetv2_predict` with the same weights:

@@ -44,17 +44,31 @@ def network_def(model: NnUNetModel) -> dict[str, Any]:
 
 def _axes(model: NnUNetModel) -> tuple[list[int], list[float]]:
     """``Transposed`` indices (MONAI ``(C, i, j, k)`` → the network's order) and the target
-    spacing in MONAI's ``(i, j, k)`` order."""
+    spacing in MONAI's ``(i, j, k)`` order. A ``2d`` configuration's spacing is in-plane only:
+    its slice axis (the network's first) keeps the image's spacing, as in nnU-Net (0 =
+    keep, for ``Spacingd``)."""
     tf = list(model.plans.get("transpose_forward", [0, 1, 2]))
-    spacing = list(model.configuration["spacing"])
-    if len(spacing) != 3 or sorted(tf) != [0, 1, 2]:
-        raise MedslimError(f"{model.folder}: only 3D configurations can be exported as bundles "
-                           f"(spacing {spacing}, transpose_forward {tf})")
+    spacing = [float(s) for s in model.configuration["spacing"]]
+    if len(spacing) not in (2, 3) or sorted(tf) != [0, 1, 2]:
+        raise MedslimError(f"{model.folder}: only 2D and 3D configurations of 3D images can be exported as "
+                           f"bundles (spacing {spacing}, transpose_forward {tf})")
+    spacing = [0.0] * (3 - len(spacing)) + spacing
     indices = [0] + [3 - t for t in tf]
     pixdim = [0.0, 0.0, 0.0]
     for t, axis in enumerate(tf):  # network axis t = nnU-Net reader axis tf[t] = MONAI axis 2 - tf[t]
-        pixdim[2 - axis] = float(spacing[t])
+        pixdim[2 - axis] = spacing[t]
     return indices, pixdim
+
+
+def inferer(model: NnUNetModel) -> dict[str, Any]:
+    """MONAI's sliding window over the plans' patch (Gaussian, overlap 0.5); a ``2d``
+    configuration slides over each slice along the network's first axis (``SliceInferer``)."""
+    patch = list(model.patch_size)
+    window = {"roi_size": patch, "sw_batch_size": 1, "overlap": 0.5, "mode": "gaussian", "sigma_scale": 0.125,
+              "padding_mode": "constant", "cval": 0.0}
+    if len(patch) == 2:
+        return {"_target_": "SliceInferer", "spatial_dim": 0, **window}
+    return {"_target_": "SlidingWindowInferer", **window}
 
 
 def normalization(model: NnUNetModel) -> list[dict[str, Any]]:
@@ -126,8 +140,7 @@ def inference_config(model: NnUNetModel) -> dict[str, Any]:
         "checkpoint": "$torch.load(@bundle_root + '/models/model.pt', map_location=@device, weights_only=True)",
         "preprocessing": {"_target_": "Compose", "transforms": pre},
         "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]", "transform": "@preprocessing"},
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": list(model.patch_size), "sw_batch_size": 1,
-                    "overlap": 0.5, "mode": "gaussian", "sigma_scale": 0.125, "padding_mode": "constant", "cval": 0.0},
+        "inferer": inferer(model),
         "postprocessing": {"_target_": "Compose", "transforms": post},
         "initialize": ["$@network.load_state_dict(@checkpoint)", "$@network.eval()"],
         "backend": "auto",

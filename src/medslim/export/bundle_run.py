@@ -31,7 +31,8 @@ def run_inference(dataset: Iterable[dict[str, Any]], network: torch.nn.Module,
     from medslim.infer.compiled import compile_network
 
     network.eval()
-    roi = getattr(inferer, "roi_size", None)
+    # SliceInferer (2D networks) turns its roi_size 3D when called; orig_roi_size is the patch
+    roi = getattr(inferer, "orig_roi_size", getattr(inferer, "roi_size", None))
     n = 0
     with torch.no_grad():
         for item in dataset:

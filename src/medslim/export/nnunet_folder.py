@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +59,30 @@ def write_results_folder(model: NnUNetModel, network_state: dict[str, torch.Tens
         spec.save(tmp / "compression_spec.json")
         (tmp / "compression_report.json").write_text(json.dumps(report, indent=1, default=str))
     return out
+
+
+def write_untrained_folder(plans: Mapping[str, Any], dataset_json: Mapping[str, Any], configuration: str,
+                           out: str | Path, seed: int = 0, mirror_axes: Sequence[int] | None = None) -> Path:
+    """An nnU-Net results folder ``out/<dataset>/nnUNetTrainer__<plans>__<configuration>`` whose
+    ``fold_0/checkpoint_final.pth`` holds the plans' network with random weights (nnU-Net's
+    He init, seeded): for pipeline, size and speed tests where no trained model exists.
+    ``mirror_axes``: the checkpoint's test-time mirroring axes (nnU-Net: ``(0, 1)`` for 2D).
+    Returns the results folder."""
+    import torch
+
+    folder = Path(out) / plans["dataset_name"] / f"{STOCK_TRAINER}__{plans['plans_name']}__{configuration}"
+    init_args = {"plans": dict(plans), "configuration": configuration, "fold": 0,
+                 "dataset_json": dict(dataset_json), "device": "cpu"}
+    model = NnUNetModel(folder, dict(plans), dict(dataset_json), "0", folder / "fold_0" / "checkpoint_final.pth",
+                        {"init_args": init_args})
+    torch.manual_seed(seed)
+    net = model.build_network(load_weights=False)
+    net.apply(net.initialize)
+    (folder / "fold_0").mkdir(parents=True, exist_ok=True)
+    (folder / "plans.json").write_text(json.dumps(plans, indent=1))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
+    mirroring = None if mirror_axes is None else tuple(mirror_axes)
+    torch.save({"network_weights": net.state_dict(), "optimizer_state": None, "grad_scaler_state": None,
+                "logging": {}, "_best_ema": None, "current_epoch": 0, "trainer_name": STOCK_TRAINER,
+                "init_args": init_args, "inference_allowed_mirroring_axes": mirroring}, model.checkpoint_path)
+    return folder

@@ -1,6 +1,7 @@
 """Build the nnU-Net raw/preprocessed folders of the reference Hippocampus task (as
 ``scripts/train_reference_model.py`` does): convert MSD Task04, hold out the fixed test
-cases, plan and preprocess ``3d_fullres``, add ``nnUNetPlansSmall`` and fold 0 of the repo split."""
+cases, plan and preprocess ``3d_fullres`` (or other configurations, e.g. ``2d``), add
+``nnUNetPlansSmall`` and fold 0 of the repo split."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from medslim.errors import MedslimError
@@ -47,19 +49,30 @@ def hold_out_test_cases(raw: Path, test: list[str]) -> None:
 
 
 def make_small_plans(pre: Path) -> None:
-    """``nnUNetPlansSmall``: the default plans with halved ``features_per_stage`` and batch 4."""
+    """``nnUNetPlansSmall``: the default plans with halved ``features_per_stage`` and batch 4
+    in every configuration (``2d`` and ``3d_fullres`` for this task)."""
     plans = json.loads((pre / "nnUNetPlans.json").read_text())
     plans["plans_name"] = PLANS
-    cfg = plans["configurations"]["3d_fullres"]
-    arch = cfg["architecture"]["arch_kwargs"]
-    arch["features_per_stage"] = [f // 2 for f in arch["features_per_stage"]]
-    cfg["batch_size"] = 4
+    for cfg in plans["configurations"].values():
+        if "architecture" in cfg:  # not the ones that only inherit (3d_cascade_fullres)
+            arch = cfg["architecture"]["arch_kwargs"]
+            arch["features_per_stage"] = [f // 2 for f in arch["features_per_stage"]]
+            cfg["batch_size"] = 4
     (pre / f"{PLANS}.json").write_text(json.dumps(plans, indent=1))
 
 
+def preprocess(env: Mapping[str, str], configurations: Sequence[str], num_processes: int = 2,
+               quiet: bool = True) -> None:
+    """Preprocess more configurations (e.g. ``2d``) of a folder ``prepare_hippocampus`` built:
+    nnU-Net planned them all, and ``nnUNetPlansSmall`` already has them."""
+    subprocess.run([_exe("nnUNetv2_preprocess"), "-d", "4", "-plans_name", PLANS, "-c", *configurations,
+                    "-np", str(num_processes)], env=dict(env), check=True, stdout=subprocess.DEVNULL if quiet else None)
+
+
 def prepare_hippocampus(msd_task: Path, split_file: Path, workdir: Path, num_processes: int = 2,
-                        quiet: bool = True) -> dict[str, str]:
-    """Convert + hold out + plan/preprocess into ``workdir``; returns the nnU-Net environment.
+                        quiet: bool = True, configurations: Sequence[str] = ("3d_fullres",)) -> dict[str, str]:
+    """Convert + hold out + plan/preprocess ``configurations`` into ``workdir``; returns the
+    nnU-Net environment.
 
     Raises:
         MedslimError: ``msd_task`` is not an MSD task folder.
@@ -79,7 +92,7 @@ def prepare_hippocampus(msd_task: Path, split_file: Path, workdir: Path, num_pro
     subprocess.run([_exe("nnUNetv2_convert_MSD_dataset"), "-i", str(msd_task), "-overwrite_id", "4", "-np", np_],
                    env=env, check=True, stdout=out)
     hold_out_test_cases(raw, split["test"])
-    subprocess.run([_exe("nnUNetv2_plan_and_preprocess"), "-d", "4", "-c", "3d_fullres", "-np", np_],
+    subprocess.run([_exe("nnUNetv2_plan_and_preprocess"), "-d", "4", "-c", *configurations, "-np", np_],
                    env=env, check=True, stdout=out)
     make_small_plans(pre)
     (pre / "splits_final.json").write_text(json.dumps(split["folds"], indent=1))

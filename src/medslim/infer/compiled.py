@@ -42,7 +42,7 @@ def compile_network(network: nn.Module, patch_shape: Sequence[int], backend: str
     if name == "torch":
         return network
     network = network.cpu().eval()
-    example = example_input(network, int(patch_shape[1]), ndim=len(patch_shape) - 2, patch_size=patch_shape[2:])
+    example = example_input(network, int(patch_shape[1]), patch_size=patch_shape[2:])
     with torch.no_grad():
         channels = int(network(example).shape[1])
     path, _ = cached_onnx(lambda: network, lambda: example, f"net-{weights_key(network)}")

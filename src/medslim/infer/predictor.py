@@ -150,7 +150,7 @@ def _export_example(model):
     from medslim.prune import example_input
 
     net = model.build_network(load_weights=False)
-    return example_input(net, model.num_input_channels, ndim=len(model.patch_size), patch_size=model.patch_size)
+    return example_input(net, model.num_input_channels, patch_size=model.patch_size)
 
 
 def segment_files(predictor: Predictor, image_files: Sequence[str], output_file: str | Path,

@@ -69,6 +69,7 @@ def logit_slabs(data: np.ndarray, run: PatchRunner, patch: Sequence[int], channe
     ``start:stop`` of spatial ``axis`` (0-based) and the whole extent of the other axes, in
     ``data``'s coordinates (padding removed). Slabs come in order and tile ``S`` along
     ``axis``. A yielded array is reused afterwards: consume it before the next one.
+    A 2D ``patch`` on a 3D ``data`` (nnU-Net's ``2d`` configuration) runs slice by slice.
     """
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
@@ -76,6 +77,9 @@ def logit_slabs(data: np.ndarray, run: PatchRunner, patch: Sequence[int], channe
 
     timer = timer or Timer()
     patch = [int(p) for p in patch]
+    if len(patch) == data.ndim - 2:
+        yield from _slice_slabs(data, run, patch, channels, step, timer)
+        return
     padded, revert = pad_nd_image(data, patch, "constant", {"constant_values": 0}, True, None)
     shape = padded.shape[1:]
     steps = compute_steps_for_sliding_window(shape, patch, step)
@@ -106,6 +110,16 @@ def logit_slabs(data: np.ndarray, run: PatchRunner, patch: Sequence[int], channe
                 acc[(slice(None), *local)] += out
                 weight[tuple(local)] += gauss
     yield from _emit(acc, weight, axis, lo, shape[axis], keep)
+
+
+def _slice_slabs(data: np.ndarray, run: PatchRunner, patch: Sequence[int], channels: int, step: float,
+                 timer: Timer) -> Iterator[tuple[int, int, int, np.ndarray]]:
+    """A 2D window on ``data`` ``[C_in, Z, Y, X]``, as nnU-Net's predictor runs a ``2d``
+    configuration: each slice ``[C_in, Y, X]`` through its own sliding window, yielded as the
+    one-plane slab ``(0, z, z + 1, float32 [channels, 1, Y, X])``."""
+    for z in range(data.shape[1]):
+        plane = output_volume(np.ascontiguousarray(data[:, z]), run, patch, channels, step, timer)
+        yield 0, z, z + 1, plane[:, None]
 
 
 def _emit(acc: np.ndarray, weight: np.ndarray, axis: int, lo: int, hi: int,

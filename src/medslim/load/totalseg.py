@@ -68,9 +68,7 @@ def write_totalseg_standin(reconstructed_plans: str | Path, out: str | Path, see
     """
     import json
 
-    import torch
-
-    from medslim.network import build_base_network
+    from medslim.export.nnunet_folder import write_untrained_folder
 
     src = json.loads(Path(reconstructed_plans).read_text())
     a = src["architecture_inferred"]
@@ -114,17 +112,4 @@ def write_totalseg_standin(reconstructed_plans: str | Path, out: str | Path, see
     }
     dataset = {"channel_names": {"0": "CT"}, "labels": src["labels"], "numTraining": 0, "file_ending": ".nii.gz",
                "name": src["dataset_name"], "description": "medslim stand-in: TotalSegmentator 3 mm architecture, random weights"}
-    torch.manual_seed(seed)
-    net = build_base_network(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
-                             1, len(src["labels"]), deep_supervision=False)
-    net.apply(net.initialize)
-    out = Path(out) / src["dataset_name"] / f"nnUNetTrainer__{src['plans_name']}__3d_fullres"
-    (out / "fold_0").mkdir(parents=True, exist_ok=True)
-    (out / "plans.json").write_text(json.dumps(plans, indent=1))
-    (out / "dataset.json").write_text(json.dumps(dataset, indent=1))
-    torch.save({"network_weights": net.state_dict(), "optimizer_state": None, "grad_scaler_state": None,
-                "logging": {}, "_best_ema": None, "current_epoch": 0, "trainer_name": "nnUNetTrainer",
-                "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset,
-                              "device": "cpu"},
-                "inference_allowed_mirroring_axes": None}, out / "fold_0" / "checkpoint_final.pth")
-    return out
+    return write_untrained_folder(plans, dataset, "3d_fullres", out, seed)

@@ -1,8 +1,9 @@
 """Channel pruning of 2D classifiers (thesis chapter 4, SPEC §6): score, choose, remove.
 
 Works on any ``nn.Module`` built from convolutions, BatchNorm, ReLU/LeakyReLU, pooling (max
-pooling is scored as average pooling), residual additions of torchvision/nnU-Net blocks and
-Linear layers — torchvision ResNets and VGGs, timm ResNets, plain ``nn.Sequential`` CNNs.
+pooling is scored as average pooling), residual additions (any addition of two feature maps,
+see :mod:`medslim.score.residual`) and Linear layers — torchvision ResNets and VGGs, timm ResNets,
+plain ``nn.Sequential`` CNNs.
 
 - Candidates (:func:`classifier_layers`): every convolution except the stem (the first
   convolution, which reads the image) and the head; optionally hidden Linear layers.

@@ -4,17 +4,25 @@ Torch-Pruning 1.6.1 fails to build the graph of a ``PlainConvUNet`` (``TypeError
 concat index mapping) while its LeakyReLUs are in-place, nnU-Net's default. ``inplace=False``
 is numerically identical, so the graph is always built with in-place activations switched
 off; the pruned network keeps them off.
+
+The tracer maps a module to the autograd node of the tensor it returned. An in-place operation
+on a returned *view* replaces that node (``CopySlices``), and the module drops out of the graph:
+ResEnc's ``out += residual`` right after an InstanceNorm (whose output is a view) left the norm
+unpruned. So while tracing, a module output that is a view is returned as a copy. This covers
+every residual addition written in place, whatever the block class, without patching blocks.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import types
 from typing import Iterator, Sequence
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from medslim.errors import MedslimError
 
 
 def disable_inplace(net: nn.Module) -> None:
@@ -24,11 +32,26 @@ def disable_inplace(net: nn.Module) -> None:
             m.inplace = False
 
 
-def example_input(net: nn.Module, input_channels: int, ndim: int = 3,
-                  patch_size: Sequence[int] | None = None) -> torch.Tensor:
-    """A small input the network accepts: every spatial size = 2 x the product of the encoder
+def spatial_dims(net: nn.Module) -> int:
+    """Spatial axes the network convolves over (2 for a ``2d`` nnU-Net configuration, 3 for
+    ``3d_fullres``), read from its first convolution's weight ``[C_out, C_in, *kernel]``.
+
+    Raises:
+        MedslimError: ``net`` has no convolution.
+    """
+    conv = next((m for m in net.modules() if isinstance(m, _ConvNd)), None)
+    if conv is None:
+        raise MedslimError(f"{type(net).__name__} has no convolution; medslim compresses convolutional U-Nets")
+    return conv.weight.dim() - 2
+
+
+def example_input(net: nn.Module, input_channels: int, patch_size: Sequence[int] | None = None) -> torch.Tensor:
+    """A small input the network accepts, ``[1, input_channels, *size]`` with
+    ``spatial_dims(net)`` sizes (2D or 3D): every size = 2 x the product of the encoder
     strides, so the bottleneck keeps 2 voxels per axis (InstanceNorm rejects a single voxel).
-    The graph only needs shapes, and a TotalSegmentator-sized patch would cost seconds."""
+    The graph only needs shapes, and a TotalSegmentator-sized patch would cost seconds.
+    ``patch_size``: the sizes of a network without ``encoder.strides``."""
+    ndim = spatial_dims(net)
     strides = getattr(getattr(net, "encoder", None), "strides", None)
     if strides is None:
         size = list(patch_size) if patch_size is not None else [16] * ndim
@@ -38,33 +61,20 @@ def example_input(net: nn.Module, input_channels: int, ndim: int = 3,
     return torch.zeros(1, input_channels, *size, dtype=param.dtype, device=param.device)
 
 
-def _residual_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``BasicBlockD``/``BottleneckD.forward`` with an out-of-place residual addition."""
-    convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
-    out = x
-    for conv in convs:
-        out = conv(out)
-    if block.apply_stochastic_depth:
-        out = block.drop_path(out)
-    if block.apply_se:
-        out = block.squeeze_excitation(out)
-    out = out + block.skip(x)
-    return (block.nonlin3 if hasattr(block, "conv3") else block.nonlin2)(out)
+def _copy_view(module: nn.Module, args: tuple, out: object) -> torch.Tensor | None:
+    return out.clone() if isinstance(out, torch.Tensor) and out._is_view() else None
 
 
 @contextlib.contextmanager
-def _out_of_place_residuals(net: nn.Module) -> Iterator[None]:
-    """ResEnc blocks add the skip in place (``out += residual``); the tracer then loses the
-    InstanceNorm before the addition and leaves it unpruned. Trace an out-of-place twin."""
-    patched = [m for m in net.modules()
-               if type(m).__name__ in ("BasicBlockD", "BottleneckD") and hasattr(m, "skip")]
-    for m in patched:
-        m.forward = types.MethodType(_residual_forward, m)
+def _view_outputs_copied(net: nn.Module) -> Iterator[None]:
+    """Leaf modules of ``net`` return a copy instead of a view (see the module docstring);
+    registered before the tracer's hooks, so the tracer sees the copy."""
+    handles = [m.register_forward_hook(_copy_view) for m in net.modules() if next(m.children(), None) is None]
     try:
         yield
     finally:
-        for m in patched:
-            del m.forward
+        for h in handles:
+            h.remove()
 
 
 def build_graph(net: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
@@ -80,7 +90,7 @@ def build_graph(net: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
         decoder.deep_supervision = True
     try:
         # tracing needs autograd, also when nnU-Net builds the network under no_grad/inference_mode
-        with torch.inference_mode(False), torch.enable_grad(), _out_of_place_residuals(net):
+        with torch.inference_mode(False), torch.enable_grad(), _view_outputs_copied(net):
             graph = tp.DependencyGraph().build_dependency(net, example_inputs=example.clone())
     finally:
         if deep_supervision is not None:

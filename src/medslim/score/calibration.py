@@ -62,7 +62,10 @@ def calibration_patches(model, folder: str | Path, n: int = 8, seed: int = 0) ->
 
 def random_crop(image: np.ndarray, patch: list[int], rng: np.random.Generator) -> np.ndarray:
     """``[C, *patch]`` crop of ``image`` ``[C, *shape]`` at a uniform random offset per axis;
-    axes shorter than the patch are zero-padded evenly on both sides."""
+    axes shorter than the patch are zero-padded evenly on both sides. A 2D ``patch`` on a 3D
+    ``image`` (nnU-Net's ``2d`` configuration) crops a random slice along the first axis."""
+    if len(patch) == image.ndim - 2:
+        image = image[:, int(rng.integers(0, image.shape[1]))]
     pad = [(0, 0)] + [((p - s) // 2, p - s - (p - s) // 2) if s < p else (0, 0) for s, p in zip(image.shape[1:], patch)]
     image = np.pad(image, pad)
     starts = [int(rng.integers(0, s - p + 1)) for s, p in zip(image.shape[1:], patch)]

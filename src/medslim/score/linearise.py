@@ -12,9 +12,12 @@ backward is one step of the recursion (SPEC §2), with ``D = f_abs(1)`` the fan-
 
 Normalisation layers, activations and dropout become identities. Fan-outs and concatenations
 are then handled by autograd (scores add at fan-outs and split along channels at concatenations);
-residual additions of known blocks get weight ½ per addend. The forward pass carries ones
-(every ``hvs`` step maps ones to ones), so functional ReLUs called inside ``forward`` pass
-scores unchanged; values never influence the backward pass, which only depends on shapes.
+residual additions — any addition of two feature maps, found while the forward pass runs
+(:mod:`medslim.score.residual`), whatever block class or library wrote it — give each addend
+weight ½, and squeeze-excitation gates are skipped (scores pass through the gated map). The
+forward pass carries ones (every ``hvs`` step maps ones to ones), so functional ReLUs called
+inside ``forward`` pass scores unchanged; values never influence the backward pass, which only
+depends on shapes.
 
 ``channel`` engine: convolutions become 1-voxel channel maps ``P̄[o, c] = Σ_a |W[o, c, a]|``
 (transposed convolutions likewise from ``W[c, o, a]``); fixed-size pooling and upsampling
@@ -23,8 +26,6 @@ become identities, so a ``(1, C, 1, …, 1)`` input stays 1 voxel everywhere.
 from __future__ import annotations
 
 import copy
-import sys
-from types import MethodType
 from typing import Callable, Literal
 
 import torch
@@ -35,6 +36,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.dropout import _DropoutNd
 
 from medslim.errors import MedslimError
+from medslim.score.residual import ResidualAdditions
 
 Rule = Literal["hvs", "nisp", "consumer"]
 Engine = Literal["channel", "spatial"]
@@ -211,48 +213,23 @@ def _replacement(name: str, m: nn.Module, engine: Engine, rule: Rule, dtype: tor
     return None
 
 
-# Residual blocks whose `out + skip` must give each addend weight ½ (SPEC §2). Activations are
-# identities in the linearised network; squeeze-excitation gates and stochastic depth are ignored.
-def _basic_block_d(self, x):
-    return self.medslim_addend * (self.conv2(self.conv1(x)) + self.skip(x))
+def _with_residual_rule(net: nn.Module, weight: float) -> nn.Module:
+    """``net`` whose forward runs under :class:`~medslim.score.residual.ResidualAdditions` (each
+    addend of a residual addition gets ``weight`` of the sum's score; SE gates are skipped)."""
+    forward = net.forward
 
+    def run(*args, **kwargs):
+        with ResidualAdditions(weight, skip_gates=True):
+            return forward(*args, **kwargs)
 
-def _bottleneck_d(self, x):
-    return self.medslim_addend * (self.conv3(self.conv2(self.conv1(x))) + self.skip(x))
-
-
-def _tv_basic_block(self, x):
-    skip = x if self.downsample is None else self.downsample(x)
-    return self.medslim_addend * (self.bn2(self.conv2(self.bn1(self.conv1(x)))) + skip)
-
-
-def _tv_bottleneck(self, x):
-    skip = x if self.downsample is None else self.downsample(x)
-    main = self.bn3(self.conv3(self.bn2(self.conv2(self.bn1(self.conv1(x))))))
-    return self.medslim_addend * (main + skip)
-
-
-_RESIDUAL_BLOCKS = {
-    "dynamic_network_architectures.building_blocks.residual": {"BasicBlockD": _basic_block_d,
-                                                               "BottleneckD": _bottleneck_d},
-    "torchvision.models.resnet": {"BasicBlock": _tv_basic_block, "Bottleneck": _tv_bottleneck},
-}
-
-
-def residual_forwards() -> dict[type, Callable]:
-    """Known residual block classes → their linearised forward. Only modules that are already
-    imported are looked at (a model can only hold blocks of imported classes; importing
-    torchvision would cost seconds)."""
-    out: dict[type, Callable] = {}
-    for module, blocks in _RESIDUAL_BLOCKS.items():
-        if (mod := sys.modules.get(module)) is not None:
-            out.update({getattr(mod, cls): fwd for cls, fwd in blocks.items() if hasattr(mod, cls)})
-    return out
+    net.forward = run
+    return net
 
 
 def linearise(model: nn.Module, engine: Engine, rule: Rule, dtype: torch.dtype,
               input_scale: dict[str, Tensor] | None = None) -> nn.Module:
-    """A linearised deep copy of ``model`` (module names unchanged; ``model`` untouched).
+    """A linearised deep copy of ``model`` (module names unchanged; ``model`` untouched). Its
+    ``forward`` is wrapped to apply the residual rule, so run it, do not copy it.
 
     Args:
         input_scale: optional ``{module name: [C_in]}`` factors multiplying the columns of each
@@ -272,9 +249,4 @@ def linearise(model: nn.Module, engine: Engine, rule: Rule, dtype: torch.dtype,
         for key, child in parent._modules.items():
             if child is not None and id(child) in new:
                 parent._modules[key] = new[id(child)]
-    forwards = residual_forwards()
-    for m in net.modules():
-        if type(m) in forwards:
-            m.medslim_addend = 1.0 if rule == "consumer" else 0.5
-            m.forward = MethodType(forwards[type(m)], m)
-    return net
+    return _with_residual_rule(net, 1.0 if rule == "consumer" else 0.5)

@@ -171,10 +171,11 @@ def propagate(model: nn.Module, ctx: ScoreContext, outputs_of: Sequence[str] = (
     p = Propagation(result["output"], {n: result["input"][n] for n in inputs_of}, float(seed.sum(dtype=torch.float64)),
                     float(ins[""].total.sum()), x.grad.detach() if x.grad is not None else None)
     if rule == "hvs" and p.input_mass > p.seeded * (1 + 1e-3):
-        # mass can only grow at a fan-in that is not a linear module: an unknown residual block
-        log.warning("HVS score mass grew from %.6g seeded to %.6g at the network input: the %s has "
-                    "an addition medslim does not know (e.g. an unsupported residual block class)",
-                    p.seeded, p.input_mass, type(model).__name__)
+        # mass can only grow where feature maps merge other than by a linear module or a
+        # two-operand addition (medslim.residual), e.g. torch.stack(maps).sum(0) or a product
+        log.warning("HVS score mass grew from %.6g seeded to %.6g at the network input: the %s merges "
+                    "feature maps in a way HVS does not split (not a two-operand addition, e.g. a sum "
+                    "over stacked maps or a product of maps)", p.seeded, p.input_mass, type(model).__name__)
     return p
 
 

@@ -31,7 +31,7 @@ KINDS = ("original", "control", "compressed", "scratch", "scratch_full")
 CONTROLS = ("original", "control", "scratch", "scratch_full")
 COMPRESSION_KEYS = frozenset(CompressionSettings.__dataclass_fields__) | {"compress", "init"}
 TOP_KEYS = {"name", "model", "data", "dataset", "plans", "configuration", "fold", "finetune", "seeds", "grid",
-            "controls", "full_updates", "evaluate"}
+            "variants", "controls", "full_updates", "evaluate"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class SweepSpec:
     finetune: dict[str, Any]
     seeds: tuple[int, ...]
     grid: dict[str, list[Any]]
+    variants: tuple[dict[str, Any], ...]
     controls: tuple[str, ...]
     full_updates: int
     evaluate: dict[str, Any] = field(default_factory=dict)
@@ -98,6 +99,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
     grid = raw.get("grid") or {}
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise MedslimError(f"{path}: 'grid' must map setting names to non-empty lists of values")
+    variants = raw.get("variants") or [{}]
+    if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+        raise MedslimError(f"{path}: 'variants' must be a list of mappings (settings of one point each)")
     controls = tuple(raw.get("controls", CONTROLS))
     bad = [c for c in controls if c not in CONTROLS]
     if bad:
@@ -111,6 +115,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         data=data, dataset=str(raw.get("dataset", "Dataset004_Hippocampus")),
         plans=str(raw.get("plans", "nnUNetPlansSmall")), configuration=str(raw.get("configuration", "3d_fullres")),
         fold=int(raw.get("fold", 0)), finetune=dict(raw.get("finetune") or {}), seeds=seeds, grid=grid,
+        variants=tuple(dict(v) for v in variants),
         controls=controls, full_updates=int(raw.get("full_updates", 2000)), evaluate=dict(raw.get("evaluate") or {}))
     for cell in expand(spec):
         if cell.settings is not None:
@@ -132,9 +137,11 @@ def _method(settings: dict[str, Any]) -> str:
 
 
 def expand(spec: SweepSpec) -> list[Cell]:
-    """Every cell of ``spec``: the grid's compressed cells × seeds, and the controls."""
-    keys = list(spec.grid)
-    points = [dict(zip(keys, values)) for values in itertools.product(*(spec.grid[k] for k in keys))]
+    """Every cell of ``spec``: the grid's compressed cells × seeds, and the controls. The
+    points are the grid's cartesian product, each merged with every entry of ``variants``
+    (settings that only make sense together, e.g. a rank policy and its budget)."""
+    points = [{**dict(zip(spec.grid, values)), **variant}
+              for values in itertools.product(*spec.grid.values()) for variant in spec.variants]
     cells: dict[str, Cell] = {}
 
     def add(kind: str, point: dict[str, Any], seed: int | None, settings: dict[str, Any] | None, method: str,
@@ -148,6 +155,7 @@ def expand(spec: SweepSpec) -> list[Cell]:
     for seed in spec.seeds:
         for point in points:
             finetune_only = {k: v for k, v in point.items() if k not in COMPRESSION_KEYS}
+            keys = list(point)
             ft_keys = [k for k in keys if k not in COMPRESSION_KEYS]
             base = {**spec.finetune, **point, "seed": seed}
             if "control" in spec.controls:
