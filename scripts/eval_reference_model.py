@@ -1,10 +1,11 @@
 """Evaluate the embedded reference nnU-Net on the 40 held-out test cases with ``medslim
-evaluate`` (nnU-Net's predictor, then per-class Dice and NSD at 3 mm).
+evaluate`` (medslim predict, then per-class Dice and NSD at 3 mm).
 
 The shared data is only read: the test images are copied under nnU-Net's input names
 (``<case>_0000.nii.gz``) and the test labels into a temp folder, which is the case list.
 Writes ``benchmarks/results/reference_eval/`` (per_case.csv, summary.json, summary.md).
-Usage: python scripts/eval_reference_model.py [--model FOLDER]
+Usage: python scripts/eval_reference_model.py [--model FOLDER] [-o OUT]  (the embedded compressed
+model: --model src/medslim/default_model/Dataset004_Hippocampus_medslim -o benchmarks/results/compressed_eval)
 """
 from __future__ import annotations
 
