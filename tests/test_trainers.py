@@ -42,6 +42,14 @@ def predict(env: dict[str, str], trainer: str, images: Path, out: Path, checkpoi
     return out
 
 
+def trained_folder(workdir: tuple[Path, dict[str, str]], trainer: str, epochs: int, iters: int) -> Path:
+    """Run ``trainer`` from the reference checkpoint for ``epochs`` x ``iters``; its results folder."""
+    work, env = workdir
+    run = train(dict(env, MEDSLIM_EPOCHS=str(epochs), MEDSLIM_ITERS=str(iters)), trainer, "-pretrained_weights", str(CKPT))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return work / "nnUNet_results" / DATASET / f"{trainer}__{PLANS}__3d_fullres"
+
+
 @pytest.fixture(scope="module")
 def workdir(hippocampus_nnunet) -> tuple[Path, dict[str, str]]:
     work, env = hippocampus_nnunet
@@ -121,11 +129,7 @@ def test_continue_rebuilds_compressed_network(workdir, trained):
 
 @pytest.mark.slow
 def test_control_finetunes_the_uncompressed_model(workdir):
-    work, env = workdir
-    trainer = "nnUNetTrainerMedslimControl"
-    run = train(dict(env, MEDSLIM_EPOCHS="1", MEDSLIM_ITERS="3"), trainer, "-pretrained_weights", str(CKPT))
-    assert run.returncode == 0, run.stderr[-3000:]
-    folder = work / "nnUNet_results" / DATASET / f"{trainer}__{PLANS}__3d_fullres"
+    folder = trained_folder(workdir, "nnUNetTrainerMedslimControl", 1, 3)
     arch = json.loads((folder / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"]
     assert arch["network_class_name"].endswith(".PlainConvUNet")
     record = json.loads((folder / "medslim_config.json").read_text())
@@ -140,11 +144,7 @@ def test_control_finetunes_the_uncompressed_model(workdir):
 
 @pytest.mark.slow
 def test_kd_trainer_distills_from_the_pretrained_model(workdir):
-    work, env = workdir
-    trainer = "nnUNetTrainerMedslimKD"
-    run = train(dict(env, MEDSLIM_EPOCHS="1", MEDSLIM_ITERS="2"), trainer, "-pretrained_weights", str(CKPT))
-    assert run.returncode == 0, run.stderr[-3000:]
-    folder = work / "nnUNet_results" / DATASET / f"{trainer}__{PLANS}__3d_fullres"
+    folder = trained_folder(workdir, "nnUNetTrainerMedslimKD", 1, 2)
     config = json.loads((folder / "medslim_config.json").read_text())["config"]
     assert (config["kd_weight"], config["optimizer"], config["lr_schedule"]) == (1.0, "sgd", "poly")
     log = next((folder / "fold_0").glob("training_log_*.txt")).read_text()
@@ -176,11 +176,7 @@ def test_iterative_trainer_compresses_in_stages_and_rebuilds_from_its_plans(work
 
 @pytest.mark.slow
 def test_scratch_trainer_keeps_the_architecture_and_redraws_the_weights(workdir, trained):
-    work, env = workdir
-    trainer = "nnUNetTrainerMedslimScratch"
-    run = train(dict(env, MEDSLIM_EPOCHS="1", MEDSLIM_ITERS="1"), trainer, "-pretrained_weights", str(CKPT))
-    assert run.returncode == 0, run.stderr[-3000:]
-    folder = work / "nnUNet_results" / DATASET / f"{trainer}__{PLANS}__3d_fullres" / "fold_0"
+    folder = trained_folder(workdir, "nnUNetTrainerMedslimScratch", 1, 1) / "fold_0"
     scratch = torch.load(folder / "checkpoint_compressed.pth", map_location="cpu", weights_only=False)["network_weights"]
     pretrained = torch.load(trained / "fold_0" / "checkpoint_compressed.pth", map_location="cpu",
                             weights_only=False)["network_weights"]
