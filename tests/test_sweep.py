@@ -70,7 +70,7 @@ def test_variants_are_merged_into_every_grid_point(tmp_path):
     compressed = [c for c in expand(spec) if c.kind == "compressed"]
     assert len(compressed) == 4
     budget = [c for c in compressed if c.settings.get("rank_policy") == "budget"]
-    assert len(budget) == 2 and all("df" not in c.settings and c.method.startswith("hvs+budget") for c in budget)
+    assert len(budget) == 2 and all("df" not in c.settings and c.method.startswith("tucker+budget") for c in budget)
     assert "compressed__kd_weight-1.0__rank_policy-budget__budget-0.08__prune_ratio-0.0__s7" in {c.id for c in budget}
     assert sorted(c.id for c in expand(spec) if c.kind == "control") == ["control__kd_weight-0.0__s7",
                                                                           "control__kd_weight-1.0__s7"]

@@ -128,7 +128,8 @@ def _label(key: str, value: Any) -> str:
 
 
 def _method(settings: dict[str, Any]) -> str:
-    parts = [str(settings.get("criterion", "hvs"))]
+    """Series label: the criterion (``tucker`` when nothing is pruned), rank policy, ``kd``."""
+    parts = [str(settings.get("criterion", "hvs")) if settings.get("prune_ratio", 0.5) > 0 else "tucker"]
     if settings.get("rank_policy", "df") != "df":
         parts.append(str(settings["rank_policy"]))
     if settings.get("kd_weight", 0):

@@ -37,7 +37,8 @@ def plan_cells(spec: SweepSpec, sweep_dir: Path, only: Sequence[str] = ()) -> tu
         folder = sweep_dir / "cells" / cell.id
         if (folder / DEFINITION).is_file():
             old = json.loads((folder / DEFINITION).read_text())
-            if old != cell.to_dict() and (folder / RESULT).is_file():
+            # what was run must not change; labels (method) may be renamed
+            if (old["kind"], old["settings"]) != (cell.kind, cell.settings) and (folder / RESULT).is_file():
                 raise MedslimError(f"cell {cell.id} in {sweep_dir} was run with other settings; "
                                    "use a new sweep folder for a changed sweep file")
         if not (folder / RESULT).is_file() and (not only or any(o in cell.id for o in only)):
@@ -71,8 +72,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path, *, executor: str = "ray", 
     for cell in cells:
         folder = cell_dir(ctx, cell)
         folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / RESULT).is_file():
-            write_json(folder / DEFINITION, cell.to_dict())
+        write_json(folder / DEFINITION, cell.to_dict())
     todo = sorted(todo, key=lambda c: RUN_ORDER.index(c.kind))  # stable: grid order within a kind
     todo = todo[:max_cells] if max_cells is not None else todo
     failed: list[str] = []
