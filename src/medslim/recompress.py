@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor
 
 from medslim.compress import CompressConfig
-from medslim.decompose.apply import _parents, _replace
+from medslim.decompose.apply import module_parents, replace_module
 from medslim.decompose.truncate import shrink_tucker
 from medslim.errors import MedslimError
 from medslim.network import CompressedUNet
@@ -63,13 +63,13 @@ def compress_further(net: CompressedUNet, config: CompressConfig, rank_factor: f
     config.check_calibration(calibration is not None)
     work = copy.deepcopy(net).eval()
     modules = dict(work.named_modules(remove_duplicate=False))
-    parents = _parents(work)
+    parents = module_parents(work)
     ranks: dict[str, LayerRanks] = {}
     for name in net.spec.ranks:
         module = modules[name]
         r_in, r_out = (shrink_rank(r, rank_factor, config.rank_min) for r in module.ranks)
         shrunk = shrink_tucker(module, r_in, r_out)
-        _replace(parents, module, shrunk)
+        replace_module(parents, module, shrunk)
         ranks[name] = LayerRanks(*shrunk.ranks)
     layers = prunable_layers(work, config.prune_site, prune_stem=config.prune_stem)
     kept: dict[str, tuple[int, ...]] = {}

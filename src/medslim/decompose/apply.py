@@ -154,7 +154,7 @@ def decompose_network(net: nn.Module, policy: Callable[..., LayerRanks], *, meth
     new = copy.deepcopy(net)
     stem = stem_name(new)
     convs = eligible_convs(new, include_stem=include_stem, include_1x1=include_1x1)
-    parents = _parents(new)
+    parents = module_parents(new)
     record = DecompositionRecord(settings={"policy": repr(policy), "method": method, "guard": guard,
                                            "rank_min": rank_min, "rank_multiple": rank_multiple})
     sites: dict[str, LayerSite] = {}
@@ -190,7 +190,7 @@ def decompose_network(net: nn.Module, policy: Callable[..., LayerRanks], *, meth
             record.layers[name] = replace(base, reason=reason)
             continue
         tucker, f = TuckerConv.from_conv(conv, ranks.rank_in, ranks.rank_out, method=method)
-        _replace(parents, conv, tucker)
+        replace_module(parents, conv, tucker)
         record.layers[name] = replace(base, replaced=True, rel_error=f.rel_error,
                                       discarded_energy=f.discarded_energy)
     return new, record
@@ -220,9 +220,9 @@ def apply_ranks(net: nn.Module, ranks: Mapping[str, LayerRanks]) -> nn.Module:
             raise MedslimError(f"the compression spec gives `{chosen[id(conv)][0]}` and its alias `{name}` "
                                f"different ranks ({chosen[id(conv)][2].to_list()} vs {r.to_list()})")
         chosen[id(conv)] = (name, conv, r)
-    parents = _parents(new)
+    parents = module_parents(new)
     for _, conv, r in chosen.values():
-        _replace(parents, conv, TuckerConv.empty_like(conv, r.rank_in, r.rank_out))
+        replace_module(parents, conv, TuckerConv.empty_like(conv, r.rank_in, r.rank_out))
     return new
 
 
@@ -347,7 +347,7 @@ def _holds_conv_alias(m: nn.Module) -> bool:
     return "conv" in m._modules and "all_modules" in m._modules
 
 
-def _parents(net: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+def module_parents(net: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     """For each module id, every ``(parent, key)`` registering it (aliases included)."""
     index: dict[int, list[tuple[nn.Module, str]]] = {}
     for parent in net.modules():
@@ -357,7 +357,8 @@ def _parents(net: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return index
 
 
-def _replace(parents: dict[int, list[tuple[nn.Module, str]]], old: nn.Module, new: nn.Module) -> None:
+def replace_module(parents: dict[int, list[tuple[nn.Module, str]]], old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is registered (``parents`` from ``module_parents``; aliases too)."""
     # _modules[key] = ... works for attributes and Sequential/ModuleList entries alike
     for parent, key in parents.get(id(old), []):
         parent._modules[key] = new
