@@ -209,22 +209,32 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
         """Compress the pretrained network, switch plans, build the optimizer."""
         cfg = self.medslim_config
         input_shape = [1, self.num_input_channels, *self.configuration_manager.patch_size]
-        data_aware = cfg.prune_ratio > 0 and cfg.criterion in NEEDS_CALIBRATION
-        calibration = self._calibration_batches() if data_aware else (None, None)
+        calibration = self._calibration_for(cfg.stage_compression())
         net, report = compress_live(self._bare_network().cpu(), cfg, input_shape, *calibration)
-        plans = compressed_plans(self.plans_manager.plans, self.configuration_name, net.spec)
+        self._adopt(reinitialize(net) if cfg.init == "scratch" else net)
+        self._medslim_report = report
+        self.print_to_log_file(f"medslim: compressed {report['parameters_before']} → "
+                               f"{report['parameters_after']} parameters ({cfg.compression().to_dict()})")
+
+    def _calibration_for(self, stage) -> tuple:
+        """Calibration batches when ``stage`` scores channels with a data-aware criterion, else ``(None, None)``."""
+        data_aware = stage.prune_ratio > 0 and stage.criterion in NEEDS_CALIBRATION
+        return self._calibration_batches() if data_aware else (None, None)
+
+    def _adopt(self, net: torch.nn.Module) -> dict:
+        """Train ``net`` (a ``CompressedUNet``) from now on: plans naming its spec (checked to
+        rebuild it), the network on the device, a new optimizer. Returns the plans."""
+        plans = compressed_plans(self._medslim_original[0].plans, self.configuration_name, net.spec)
         check_rebuild(net, plans, self.configuration_name, self.num_input_channels,
                       self.label_manager.num_segmentation_heads)
         self.plans_manager = PlansManager(plans)
         self.configuration_manager = self.plans_manager.get_configuration(self.configuration_name)
-        self.network = (reinitialize(net) if cfg.init == "scratch" else net).to(self.device)
+        self.network = net.to(self.device)
         self._medslim_pending = False
         if self._do_i_compile():
             self.network = torch.compile(self.network)
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
-        self._medslim_report = report
-        self.print_to_log_file(f"medslim: compressed {report['parameters_before']} → "
-                               f"{report['parameters_after']} parameters ({cfg.compression().to_dict()})")
+        return plans
 
     def on_epoch_start(self):
         self._medslim_next_stage()
@@ -243,8 +253,7 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
         from medslim.recompress import compress_further
 
         stage = cfg.stage_compression()
-        data_aware = stage.prune_ratio > 0 and stage.criterion in NEEDS_CALIBRATION
-        calibration = self._calibration_batches() if data_aware else (None, None)
+        calibration = self._calibration_for(stage)
         input_shape = [1, self.num_input_channels, *self.configuration_manager.patch_size]
         ds = net.decoder.deep_supervision
         net.decoder.deep_supervision = False
@@ -253,15 +262,7 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
         finally:
             net.decoder.deep_supervision = ds
         new.decoder.deep_supervision = ds
-        plans = compressed_plans(self._medslim_original[0].plans, self.configuration_name, new.spec)
-        check_rebuild(new, plans, self.configuration_name, self.num_input_channels,
-                      self.label_manager.num_segmentation_heads)
-        self.plans_manager = PlansManager(plans)
-        self.configuration_manager = self.plans_manager.get_configuration(self.configuration_name)
-        self.network = new.train().to(self.device)
-        if self._do_i_compile():
-            self.network = torch.compile(self.network)
-        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+        plans = self._adopt(new.train())
         if self.local_rank == 0:
             with open(join(self.output_folder_base, "plans.json"), "w") as f:
                 json.dump(plans, f, indent=4, sort_keys=False)
