@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from medslim.decompose.cp import CPDConv
 from medslim.decompose.latency import LayerTimer, conv_input_shapes, format_seconds
 from medslim.decompose.ranks import LayerSite, check_rank_multiple, finalize_ranks, is_network_policy
 from medslim.decompose.tucker import METHODS, TuckerConv
@@ -49,6 +50,7 @@ class LayerRecord:
     discarded_energy: dict[str, float] | None = None
     seconds_dense: float | None = None
     seconds_tucker: float | None = None
+    cp_rank: int | None = None  # per-filter CP rank (``decompose_network_cp``); ``ranks`` are then None
 
 
 @dataclass
@@ -61,7 +63,12 @@ class DecompositionRecord:
     @property
     def ranks(self) -> dict[str, LayerRanks]:
         """Ranks of the replaced layers only, ready for ``CompressionSpec(ranks=...)``."""
-        return {n: r.ranks for n, r in self.layers.items() if r.replaced}
+        return {n: r.ranks for n, r in self.layers.items() if r.replaced and r.cp_rank is None}
+
+    @property
+    def cp_ranks(self) -> dict[str, int]:
+        """CP ranks of the layers replaced by ``CPDConv``, ready for ``CompressionSpec(cp=...)``."""
+        return {n: r.cp_rank for n, r in self.layers.items() if r.replaced and r.cp_rank is not None}
 
     @property
     def skipped(self) -> list[str]:
@@ -322,10 +329,11 @@ def _all_convs(net: nn.Module) -> dict[str, _ConvNd]:
     convs: dict[str, _ConvNd] = {}
     dim: int | None = None
     for name, m in net.named_modules():
-        if isinstance(m, TuckerConv):
-            raise MedslimError(f"the network is already Tucker-decomposed (`{name}`); "
-                               f"decompose the original network, or rebuild with apply_ranks")
-        if _holds_conv_alias(m) and not isinstance(m.conv, (_ConvNd, TuckerConv)):
+        if isinstance(m, (TuckerConv, CPDConv)):
+            kind = "Tucker" if isinstance(m, TuckerConv) else "CP"
+            raise MedslimError(f"the network is already {kind}-decomposed (`{name}`); "
+                               f"decompose the original network, or rebuild with apply_ranks/apply_cp")
+        if _holds_conv_alias(m) and not isinstance(m.conv, (_ConvNd, TuckerConv, CPDConv)):
             raise MedslimError(f"`{name}.conv` is a {type(m.conv).__name__} where nnU-Net expects a convolution; "
                                f"medslim can only decompose Conv/ConvTranspose layers")
         if not isinstance(m, _ConvNd):
