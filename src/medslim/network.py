@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from medslim.decompose import apply_ranks
+from medslim.decompose import apply_cp, apply_ranks
 from medslim.errors import MedslimError
 from medslim.prune import apply_kept, example_input
 from medslim.spec import CompressionSpec
@@ -45,15 +45,16 @@ def build_base_network(class_name: str, arch_kwargs: Mapping[str, Any], requires
 
 
 def rebuild(base: nn.Module, spec: CompressionSpec, input_channels: int) -> nn.Module:
-    """``base`` with a spec's structure: Tucker ranks, then kept channels. Weights are
-    placeholders; load a state dict afterwards. ``base`` may be modified. 2D or 3D, as
-    ``base`` convolves (the plans' ``conv_op``)."""
+    """``base`` with a spec's structure: Tucker ranks and CP blocks, then kept channels.
+    Weights are placeholders; load a state dict afterwards. ``base`` may be modified. 2D or
+    3D, as ``base`` convolves (the plans' ``conv_op``)."""
     net = apply_ranks(base, spec.ranks) if spec.ranks else base
+    net = apply_cp(net, spec.cp) if spec.cp else net
     return apply_kept(net, spec.kept, example_input(net, input_channels))
 
 
 class CompressedUNet(nn.Module):
-    """A ``PlainConvUNet``/``ResidualEncoderUNet`` with Tucker-2 layers and pruned channels.
+    """A ``PlainConvUNet``/``ResidualEncoderUNet`` with Tucker-2 or CP layers and pruned channels.
 
     Args:
         input_channels: image channels (nnU-Net passes it).

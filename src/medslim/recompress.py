@@ -58,6 +58,9 @@ def compress_further(net: CompressedUNet, config: CompressConfig, rank_factor: f
     """
     if config.prune_site != "outer":
         raise MedslimError("iterative compression supports prune_site 'outer' only")
+    if net.spec.cp:
+        raise MedslimError("iterative compression of a CP-decomposed model (--decomposition cp) is not supported; "
+                           "compress the original model again with the new settings")
     if not 0.0 < rank_factor <= 1.0:
         raise MedslimError(f"rank_factor must be in (0, 1], got {rank_factor}")
     config.check_calibration(calibration is not None)
