@@ -30,8 +30,10 @@ def compress(
     model: str = typer.Argument(..., help="nnU-Net results folder, or a TotalSegmentator task (total_fast, total_part1..5)"),
     output: Path = typer.Option(..., "-o", "--output", help="new results folder to write"),
     df: float = typer.Option(0.3, "--df", help="rank ratio DF in (0, 1] (thesis: 'downsampling factor')"),
-    prune: float = typer.Option(0.5, "--prune", help="fraction ρ of channels removed (per layer, or of all candidates with --selection global), in [0, 1)"),
-    criterion: str = typer.Option("hvs", "--criterion", help="hvs | nisp | l1 | l2 | consumer_l1 | random | hvs_data, taylor (need --calibration)"),
+    prune: Optional[float] = typer.Option(None, "--prune", help="fraction ρ of channels removed (per layer, or of all candidates with --selection global), in [0, 1); default 0.5, 0 with --decomposition cp"),
+    criterion: str = typer.Option("hvs", "--criterion", help="hvs | nisp | l1 | l2 | consumer_l1 | norton | random | hvs_data, taylor (need --calibration)"),
+    decomposition: str = typer.Option("tucker", "--decomposition", help="tucker (Tucker-2, ranks from --rank-policy) | cp (NORTON per-filter CP at --cp-rank; no pruning after it yet)"),
+    cp_rank: int = typer.Option(3, "--cp-rank", help="rank-1 terms per filter for --decomposition cp and the norton criterion"),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="folder of nnU-Net images (<case>_0000.nii.gz) for data-aware criteria"),
     calibration_patches: int = typer.Option(8, "--calibration-patches", help="patches cut from --calibration (seeded by --seed)"),
     prune_site: str = typer.Option("outer", "--prune-site", help="outer | rank | all"),
@@ -58,7 +60,9 @@ def compress(
     from medslim.load import load_model
     from medslim.api import compress_model
 
-    config = CompressConfig(df=df, prune_ratio=prune, criterion=criterion, prune_site=prune_site,
+    if prune is None:
+        prune = 0.0 if decomposition == "cp" else 0.5
+    config = CompressConfig(df=df, prune_ratio=prune, criterion=criterion, decomposition=decomposition, cp_rank=cp_rank, prune_site=prune_site,
                             rank_policy=rank_policy, energy=energy, method=method, engine=engine,
                             rank_min=rank_min, seed=seed, latency_budget=latency_budget,
                             rank_multiple=rank_multiple, guard=None if guard == "none" else guard,
@@ -295,6 +299,7 @@ def print_report(report: dict) -> None:
         table.add_column(col, justify="right", no_wrap=True)
     for row in report["layers"]:
         ranks = "dense" if row["ranks"] is None else ", ".join("-" if r is None else str(r) for r in row["ranks"])
+        ranks = f"CP {row['cp_rank']}" if row.get("cp_rank") else ranks
         table.add_row(row["layer"], f"{row['in'][0]}→{row['in'][1]}", f"{row['out'][0]}→{row['out'][1]}", ranks,
                       f"{row['params'][0]:,}→{row['params'][1]:,}")
     out_console.print(table)

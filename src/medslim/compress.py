@@ -1,6 +1,6 @@
 """The compression pipeline (SPEC §4, Algorithm 2 without the fine-tune):
-decompose every eligible conv → score channels on the decomposed network → prune ρ per layer
-(or ρ of all candidate channels, ranked globally).
+decompose every eligible conv (Tucker-2, or NORTON's per-filter CP) → score channels on the
+decomposed network → prune ρ per layer (or ρ of all candidate channels, ranked globally).
 
 Data flows one way: ``CompressConfig`` (validated up front) + a network → ``Compressed``
 (the new network, its ``CompressionSpec`` and the records of what each stage did).
@@ -13,19 +13,21 @@ from typing import Any, Callable, Sequence
 
 from torch import Tensor, nn
 
-from medslim.decompose import decompose_network, get_rank_policy
+from medslim.decompose import decompose_network, decompose_network_cp, get_rank_policy
 from medslim.decompose.apply import GUARDS, DecompositionRecord
+from medslim.decompose.cp_apply import check_cp_rank
 from medslim.decompose.budget_ranks import BUDGET_TARGETS
 from medslim.decompose.latency import LayerTimer
 from medslim.decompose.ranks import check_rank_multiple
 from medslim.decompose.tucker import METHODS
-from medslim.errors import MedslimError
+from medslim.errors import MedslimError, did_you_mean
 from medslim.prune import PRUNE_SITES, PruneRecord, check_selection, example_input, prunable_layers, prune_network
 from medslim.prune.sites import stem_output
 from medslim.score import ScoreContext, check_criterion, get_criterion
 from medslim.spec import CompressionSpec
 
 Progress = Callable[[str, str], None]  # (stage, layer name)
+DECOMPOSITIONS = ("tucker", "cp")
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,10 @@ class CompressionSettings:
     of the decomposable convs as a fraction of their dense total. ``selection``: ``"layer"``
     removes ρ of each layer's (group's) channels; ``"global"`` ranks the L2-normalised scores
     of all candidate channels together and removes ρ of them, at least one kept per group
-    (``medslim.prune.select.global_keep_counts``: wide layers lose more)."""
+    (``medslim.prune.select.global_keep_counts``: wide layers lose more).
+    ``decomposition="cp"``: NORTON's per-filter CP at ``cp_rank`` instead of Tucker-2 (the
+    rank-policy knobs and ``method`` are then unused; the guard is ``params`` or None);
+    ``cp_rank`` is also the rank the ``norton`` criterion decomposes filters with."""
 
     df: float = 0.3
     rank_policy: str = "df"
@@ -59,6 +64,8 @@ class CompressionSettings:
     prune_site: str = "outer"
     prune_stem: bool = False
     selection: str = "layer"
+    decomposition: str = "tucker"
+    cp_rank: int = 3
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,16 @@ class CompressConfig(CompressionSettings):
     with_calibration: bool = False
 
     def __post_init__(self) -> None:
+        if self.decomposition not in DECOMPOSITIONS:
+            raise MedslimError(f"unknown --decomposition '{self.decomposition}'; choose one of "
+                               f"{', '.join(DECOMPOSITIONS)}{did_you_mean(str(self.decomposition), DECOMPOSITIONS)}")
+        check_cp_rank(self.cp_rank)
+        if self.decomposition == "cp" and self.prune_ratio > 0:
+            raise MedslimError(f"--prune {self.prune_ratio} after --decomposition cp is not supported: Torch-Pruning "
+                               f"has no pruning function for CP blocks yet; use --prune 0 with cp, or prune with "
+                               f"--criterion norton after the default Tucker decomposition")
+        if self.decomposition == "cp" and self.guard not in ("params", None):
+            raise MedslimError(f"--guard {self.guard} does not apply to --decomposition cp; use params or none")
         if not 0.0 < self.df <= 1.0:
             raise MedslimError(f"--df must be in (0, 1], got {self.df}")
         if not 0.0 <= self.prune_ratio < 1.0:
@@ -149,17 +166,20 @@ def compress_network(net: nn.Module, config: CompressConfig, input_shape: Sequen
     config.check_calibration(calibration is not None)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    decomposed, drec = decompose_network(
-        net, config.rank_policy_fn(), method=config.method, guard=config.guard, rank_min=config.rank_min,
-        rank_multiple=config.rank_multiple, input_shape=tuple(input_shape), timer=timer,
-        progress=(lambda name: progress("decompose", name)) if progress else None)
+    step = (lambda name: progress("decompose", name)) if progress else None
+    if config.decomposition == "cp":
+        decomposed, drec = decompose_network_cp(net, config.cp_rank, guard=config.guard, progress=step)
+    else:
+        decomposed, drec = decompose_network(
+            net, config.rank_policy_fn(), method=config.method, guard=config.guard, rank_min=config.rank_min,
+            rank_multiple=config.rank_multiple, input_shape=tuple(input_shape), timer=timer, progress=step)
     seconds["decompose"] = time.perf_counter() - t
 
     t = time.perf_counter()
     layers = prunable_layers(decomposed, config.prune_site, prune_stem=config.prune_stem)
     if config.prune_ratio > 0 and layers:
         ctx = ScoreContext(input_shape=tuple(input_shape), engine=config.engine, seed=config.seed,
-                           calibration=calibration, calibration_target=calibration_target)
+                           calibration=calibration, calibration_target=calibration_target, cp_rank=config.cp_rank)
         scores = get_criterion(config.criterion)(decomposed.eval(), layers, ctx)
     else:
         scores = {}
@@ -173,6 +193,6 @@ def compress_network(net: nn.Module, config: CompressConfig, input_shape: Sequen
                                  selection=config.selection)
     seconds["prune"] = time.perf_counter() - t
 
-    spec = CompressionSpec(ranks=drec.ranks, kept=prec.kept,
+    spec = CompressionSpec(ranks=drec.ranks, kept=prec.kept, cp=drec.cp_ranks,
                            provenance={"config": config.to_dict(), "prune_layers": layers})
     return Compressed(pruned.eval(), spec, drec, prec, seconds)

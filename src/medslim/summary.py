@@ -6,13 +6,14 @@ from typing import Any, Sequence
 from torch import nn
 
 from medslim.compress import Compressed
+from medslim.decompose.cp import CPDConv
 from medslim.measure import count_flops, count_parameters
 from medslim.prune.sites import conv_units, is_head
 
 
 def layer_table(original: nn.Module, compressed: Compressed) -> list[dict[str, Any]]:
     """One row per convolution of the original network (heads excluded): channels before and
-    after, Tucker ranks after pruning, parameters before/after, reconstruction error."""
+    after, Tucker ranks after pruning (or the CP rank), parameters before/after, reconstruction error."""
     after = dict(compressed.network.named_modules())
     drec = compressed.decomposition.layers if compressed.decomposition else {}
     rows = []
@@ -28,6 +29,7 @@ def layer_table(original: nn.Module, compressed: Compressed) -> list[dict[str, A
             "in": [conv.in_channels, new.in_channels],
             "out": [conv.out_channels, new.out_channels],
             "ranks": list(ranks) if ranks is not None else None,
+            "cp_rank": getattr(new, "rank", None) if isinstance(new, CPDConv) else None,
             "params": [count_parameters(conv), count_parameters(new)],
             "rel_error": rec.rel_error if rec is not None else None,
             "decomposed": bool(rec is not None and rec.replaced),

@@ -1,7 +1,7 @@
 """Where to prune after Tucker-2 (SPEC §3 ``prune_site``).
 
-A network is read as a list of *conv units*: a ``TuckerConv`` (``reduce → core → restore``)
-or a dense convolution. For each site the candidates are convolutions whose output channels
+A network is read as a list of *conv units*: a ``TuckerConv`` (``reduce → core → restore``),
+a ``CPDConv`` (NORTON's CP block; its output is the block itself) or a dense convolution. For each site the candidates are convolutions whose output channels
 may be removed:
 
 - ``outer``: the unit's output (``restore`` of a TuckerConv, the conv itself otherwise):
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from medslim.decompose.cp import CPDConv
 from medslim.decompose.tucker import TuckerConv
 from medslim.errors import MedslimError
 
@@ -35,7 +36,7 @@ def conv_units(net: nn.Module) -> dict[str, nn.Module]:
     for name, m in net.named_modules():
         if id(m) in seen:
             continue
-        if is_tucker(m):
+        if is_tucker(m) or isinstance(m, CPDConv):
             units[name] = m
             seen.update(id(c) for c in m.modules())
         elif isinstance(m, _CONV):

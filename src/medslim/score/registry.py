@@ -46,6 +46,8 @@ class ScoreContext:
             ``taylor``).
         calibration_target: integer labels ``(B, *spatial)`` of ``calibration`` for criteria
             with a loss (``taylor``); ``None`` = the model's own argmax.
+        cp_rank: rank of the per-filter CP decomposition the ``norton`` criterion compares
+            (unused for layers that already are CP blocks: their own factors are compared).
     """
 
     input_shape: tuple[int, ...] | None = None
@@ -57,8 +59,11 @@ class ScoreContext:
     normalize: bool = True
     calibration: Tensor | None = field(default=None, compare=False, repr=False)
     calibration_target: Tensor | None = field(default=None, compare=False, repr=False)
+    cp_rank: int = 3
 
     def __post_init__(self) -> None:
+        if isinstance(self.cp_rank, bool) or not isinstance(self.cp_rank, int) or self.cp_rank < 1:
+            raise MedslimError(f"cp_rank must be an integer ≥ 1, got {self.cp_rank!r}")
         if self.engine not in ENGINES:
             raise MedslimError(f"unknown scoring engine '{self.engine}' (expected one of "
                                f"{', '.join(ENGINES)}){did_you_mean(self.engine, ENGINES)}")
