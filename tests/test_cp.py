@@ -204,3 +204,10 @@ def test_cli_norton_prune_end_to_end(reference_dir, tmp_path, hippo_patch):
 def test_bad_options_exit_2(reference_dir, tmp_path, args, match):
     out = tmp_path / "out"
     assert_user_error(run("compress", reference_dir, "-o", out, *args), out, match)
+
+
+def test_rank_above_a_mode_size_does_not_break_als():
+    # a stem filter [1, 3, 3]: rank 2 makes ALS's normal equations singular without regularisation
+    torch.manual_seed(3)
+    f = cp_filter_factors(torch.randn(4, 1, 3, 3), 2)
+    assert math.isfinite(f.rel_error) and f.rel_error < 0.7

@@ -119,7 +119,12 @@ def _als(w: Tensor, rank: int, n_iter_max: int, tol: float, seed: int) -> tuple[
             x = w[i].numpy()
             if not np.any(x):
                 continue
-            weights, factors = parafac(x, rank, n_iter_max=n_iter_max, tol=tol, init="svd", random_state=seed)
+            try:
+                weights, factors = parafac(x, rank, n_iter_max=n_iter_max, tol=tol, init="svd", random_state=seed)
+            except np.linalg.LinAlgError:
+                # singular ALS normal equations: rank > a mode's size (e.g. C_in = 1 at the stem)
+                weights, factors = parafac(x, rank, n_iter_max=n_iter_max, tol=tol, init="svd", random_state=seed,
+                                           l2_reg=1e-10 * float(np.square(x).sum()))
             channel[i] = torch.from_numpy(factors[0] * weights[None, :])
             for d, f in enumerate(factors[1:]):
                 spatial[d][i] = torch.from_numpy(f)
