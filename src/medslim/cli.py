@@ -30,8 +30,9 @@ def compress(
     model: str = typer.Argument(..., help="nnU-Net results folder, or a TotalSegmentator task (total_fast, total_part1..5)"),
     output: Path = typer.Option(..., "-o", "--output", help="new results folder to write"),
     df: float = typer.Option(0.3, "--df", help="rank ratio DF in (0, 1] (thesis: 'downsampling factor')"),
-    prune: float = typer.Option(0.5, "--prune", help="fraction ρ of channels removed (per layer, or of all candidates with --selection global), in [0, 1)"),
-    criterion: str = typer.Option("hvs", "--criterion", help="hvs | nisp | l1 | l2 | consumer_l1 | random | hvs_data, taylor (need --calibration)"),
+    prune: Optional[float] = typer.Option(None, "--prune", help="fraction ρ of channels removed (per layer, or of all candidates with --selection global), in [0, 1); default 0.5"),
+    criterion: str = typer.Option("hvs", "--criterion", help="hvs | nisp | l1 | l2 | consumer_l1 | random | hvs_data, taylor, relief (need --calibration)"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="relief only, in (0, 1]: each layer keeps the fewest channels holding α of its relief score (instead of --prune)"),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="folder of nnU-Net images (<case>_0000.nii.gz) for data-aware criteria"),
     calibration_patches: int = typer.Option(8, "--calibration-patches", help="patches cut from --calibration (seeded by --seed)"),
     prune_site: str = typer.Option("outer", "--prune-site", help="outer | rank | all"),
@@ -58,12 +59,14 @@ def compress(
     from medslim.load import load_model
     from medslim.api import compress_model
 
-    config = CompressConfig(df=df, prune_ratio=prune, criterion=criterion, prune_site=prune_site,
+    if alpha is not None and prune is not None:
+        raise MedslimError("--alpha and --prune both set how many channels stay; give one")
+    config = CompressConfig(df=df, prune_ratio=0.5 if prune is None else prune, criterion=criterion, prune_site=prune_site,
                             rank_policy=rank_policy, energy=energy, method=method, engine=engine,
                             rank_min=rank_min, seed=seed, latency_budget=latency_budget,
                             rank_multiple=rank_multiple, guard=None if guard == "none" else guard,
                             budget=budget, budget_target=budget_target, selection=selection,
-                            with_calibration=calibration is not None)
+                            with_calibration=calibration is not None, alpha=alpha)
     check_output_folder(output.expanduser(), overwrite)
     loaded = load_model(model, fold, checkpoint)
     patches = None
