@@ -110,7 +110,7 @@ def run_seed(seed: int, data, iterations: int, epochs: int) -> dict:
     calib = xtr[torch.randperm(len(xtr), generator=torch.Generator().manual_seed(seed))[:1000]]
     for it in range(1, iterations + 1):
         trained = copy.deepcopy(net)
-        apply_masks(net, drop_dead_units(net, CHAIN, relief_masks(net, calib, alpha_fc=0.95)))
+        apply_masks(net, drop_dead_units(CHAIN, relief_masks(net, calib, alpha_fc=0.95)))
         kept, total = kept_fraction(net)
         weights_kept = sum(int((net[int(n)].weight != 0).sum()) for n in CHAIN)
         weights = sum(net[int(n)].weight.numel() for n in CHAIN)
@@ -158,7 +158,7 @@ def summary(results: dict) -> str:
         "",
         "| | active neurons (in → h1 → h2 → out) | retained % |",
         "|---|---|---|",
-        f"| original | 64 → 300 → 100 → 10 | 100 |",
+        "| original | 64 → 300 → 100 → 10 | 100 |",
         f"| NN-Relief α 0.95 (ours, digits) | {neurons(first)} | {ms([r['retained'] for r in first], 100)} |",
         f"| magnitude, global unstructured, same kept weights (ours, digits) | {neurons(first, 'magnitude')} | "
         f"{ms([r['weights_retained'] for r in first], 100)} (weights) |",
@@ -166,7 +166,7 @@ def summary(results: dict) -> str:
         f"{PAPER['one_pass_retained_percent']} |",
         f"| paper, magnitude unstructured (MNIST) | {PAPER['table7_magnitude']} | {PAPER['one_pass_retained_percent']} |",
         "",
-        f"Per-layer kept weights after one pass (ours): "
+        "Per-layer kept weights after one pass (ours): "
         + ", ".join(f"{name} {ms([r['layer_density'][i] for r in first], 100)} %"
                     for i, name in enumerate(("64→300", "300→100", "100→10")))
         + f". Test accuracy: dense {ms([r['dense_accuracy'] for r in runs], 100)} %, pruned before retraining "

@@ -18,7 +18,7 @@ from conftest import assert_user_error, held_out_cases, nnunet_images
 from medslim.cli import app
 from medslim.load import load_results_folder
 from medslim.prune import prunable_layers
-from medslim.prune.relief_masks import apply_masks, drop_dead_units, kept_fraction, relief_masks
+from medslim.prune.relief_masks import apply_masks, drop_dead_units, iterative_relief, kept_fraction, relief_masks
 from medslim.prune.select import top_k
 from medslim.score import NEEDS_CALIBRATION, ScoreContext, get_criterion
 from medslim.score.calibration import calibration_patches
@@ -203,7 +203,7 @@ def test_unstructured_masks_follow_the_rule_and_persist():
         keep, keep_bias = alpha_mask(scores[name].weights, 0.8, scores[name].bias)
         assert torch.equal(masks[name][0].bool(), keep) and torch.equal(masks[name][1].bool(), keep_bias)
     assert masks["2"][0][:, 4].sum() == 0 and masks["0"][0][4].sum() > 0
-    cleaned = drop_dead_units(net, ["0", "2"], masks)
+    cleaned = drop_dead_units(["0", "2"], masks)
     assert cleaned["0"][0][4].sum() == 0 and cleaned["0"][1][4] == 0  # its incoming weights and bias go too
     assert torch.equal(cleaned["2"][0], masks["2"][0])
     before = kept_fraction(net)
@@ -212,3 +212,21 @@ def test_unstructured_masks_follow_the_rule_and_persist():
     assert total == before[1] and kept == int(sum(w.sum() + b.sum() for w, b in cleaned.values()))
     net[0].weight_orig.data.add_(1.0)  # a retraining step: masked weights stay zero
     assert kept_fraction(net)[0] == kept
+
+
+def test_iterative_relief_only_removes_and_retrains_each_round():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    x = torch.randn(64, 8)
+    kept, retrained = [], []
+
+    def retrain(model: nn.Module) -> None:  # a stand-in step that moves every weight
+        retrained.append(kept_fraction(model)[0])
+        with torch.no_grad():
+            model[0].weight_orig.mul_(1.1)
+
+    iterative_relief(net, x, retrain, iterations=3, alpha_fc=0.9, chain=["0", "2"],
+                     on_iteration=lambda i, m: kept.append(kept_fraction(m)[0]))
+    assert len(kept) == 3 and retrained == kept
+    assert kept[0] < kept_fraction(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)))[1]
+    assert kept[0] >= kept[1] >= kept[2] > 0 and kept[2] < kept[0]

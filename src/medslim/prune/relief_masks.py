@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils import prune as torch_prune
@@ -37,11 +36,11 @@ def relief_masks(model: nn.Module, batch: Tensor, alpha_fc: float = 0.95, alpha_
     return masks
 
 
-def drop_dead_units(model: nn.Module, chain: Sequence[str], masks: Masks) -> Masks:
+def drop_dead_units(chain: Sequence[str], masks: Masks) -> Masks:
     """For a chain of Linear layers (each feeding the next), also mask the incoming weights and
     bias of units none of whose outgoing connections survive (the authors' backward pass):
     they no longer reach the output. Walks from the output back. Returns new masks."""
-    out = {k: (w.clone(), None if b is None else b.clone()) for k, b_w in masks.items() for w, b in [b_w]}
+    out = {name: (w.clone(), None if b is None else b.clone()) for name, (w, b) in masks.items()}
     for upstream, downstream in zip(chain[-2::-1], chain[:0:-1]):
         dead = out[downstream][0].sum(0) == 0  # [C_in of downstream] = units of upstream
         w, b = out[upstream]
@@ -81,7 +80,7 @@ def iterative_relief(model: nn.Module, batch: Tensor, retrain: Callable[[nn.Modu
     ``retrain(model)``), in place; ``on_iteration(i, model)`` after each pruning (before retrain)."""
     for i in range(iterations):
         masks = relief_masks(model, batch, alpha_fc, alpha_conv)
-        apply_masks(model, drop_dead_units(model, chain, masks) if chain else masks)
+        apply_masks(model, drop_dead_units(chain, masks) if chain else masks)
         if on_iteration is not None:
             on_iteration(i, model)
         retrain(model)

@@ -27,7 +27,6 @@ Readings of the paper (where its text is garbled or ambiguous):
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Mapping
 from typing import Literal, Sequence
@@ -162,14 +161,18 @@ class LayerScores:
 def layer_scores(model: nn.Module, batch: Tensor, norm: Norm = "fro",
                  names: Sequence[str] | None = None) -> dict[str, LayerScores]:
     """``{name: LayerScores}`` of every convolution and Linear of ``model`` (or those in
-    ``names``) over ``batch`` ``[B, C, *spatial]``, run one sample at a time on a copy in eval
-    mode (BatchNorm statistics untouched; one sample's activations in memory). A module run
-    more than once per forward pass accumulates each call as a sample.
+    ``names``) over ``batch`` ``[B, C, *spatial]``, run one sample at a time in eval mode without
+    gradients (BatchNorm statistics untouched, each module's mode restored after; one sample's
+    activations in memory). Not on a copy: a model masked by ``torch.nn.utils.prune`` holds
+    computed weights that ``deepcopy`` refuses. A module run more than once per forward pass
+    accumulates each call as a sample.
 
     Raises:
         MedslimError: a grouped convolution, or a requested module never run.
     """
-    net = copy.deepcopy(model).eval().requires_grad_(False)
+    net = model
+    modes = {m: m.training for m in net.modules()}
+    net.eval()
     wanted = set(names) if names is not None else None
     sums: dict[str, Tensor] = {}
     bias: dict[str, Tensor] = {}
@@ -198,6 +201,8 @@ def layer_scores(model: nn.Module, batch: Tensor, norm: Norm = "fro",
     finally:
         for h in handles:
             h.remove()
+        for m, mode in modes.items():
+            m.training = mode
     missing = sorted((wanted or set()) - set(sums))
     if missing:
         raise MedslimError(f"relief: '{missing[0]}' is not run in the forward pass")
