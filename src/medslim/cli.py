@@ -31,7 +31,8 @@ def compress(
     output: Path = typer.Option(..., "-o", "--output", help="new results folder to write"),
     df: float = typer.Option(0.3, "--df", help="rank ratio DF in (0, 1] (thesis: 'downsampling factor')"),
     prune: Optional[float] = typer.Option(None, "--prune", help="fraction ρ of channels removed (per layer, or of all candidates with --selection global), in [0, 1); default 0.5, 0 with --decomposition cp"),
-    criterion: str = typer.Option("hvs", "--criterion", help="hvs | nisp | l1 | l2 | consumer_l1 | norton | random | hvs_data, taylor (need --calibration)"),
+    criterion: str = typer.Option("hvs", "--criterion", help="hvs | nisp | l1 | l2 | consumer_l1 | norton | random | hvs_data, taylor, relief (need --calibration)"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="relief only, in (0, 1]: each layer keeps the fewest channels holding α of its relief score (instead of --prune)"),
     decomposition: str = typer.Option("tucker", "--decomposition", help="tucker (Tucker-2, ranks from --rank-policy) | cp (NORTON per-filter CP at --cp-rank; no pruning after it yet)"),
     cp_rank: int = typer.Option(3, "--cp-rank", help="rank-1 terms per filter for --decomposition cp and the norton criterion"),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="folder of nnU-Net images (<case>_0000.nii.gz) for data-aware criteria"),
@@ -60,6 +61,8 @@ def compress(
     from medslim.load import load_model
     from medslim.api import compress_model
 
+    if alpha is not None and prune is not None:
+        raise MedslimError("--alpha and --prune both set how many channels stay; give one")
     if prune is None:
         prune = 0.0 if decomposition == "cp" else 0.5
     config = CompressConfig(df=df, prune_ratio=prune, criterion=criterion, decomposition=decomposition, cp_rank=cp_rank, prune_site=prune_site,
@@ -67,7 +70,7 @@ def compress(
                             rank_min=rank_min, seed=seed, latency_budget=latency_budget,
                             rank_multiple=rank_multiple, guard=None if guard == "none" else guard,
                             budget=budget, budget_target=budget_target, selection=selection,
-                            with_calibration=calibration is not None)
+                            with_calibration=calibration is not None, alpha=alpha)
     check_output_folder(output.expanduser(), overwrite)
     loaded = load_model(model, fold, checkpoint)
     patches = None

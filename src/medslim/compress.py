@@ -7,6 +7,7 @@ Data flows one way: ``CompressConfig`` (validated up front) + a network → ``Co
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
@@ -24,6 +25,7 @@ from medslim.errors import MedslimError, did_you_mean
 from medslim.prune import PRUNE_SITES, PruneRecord, check_selection, example_input, prunable_layers, prune_network
 from medslim.prune.sites import stem_output
 from medslim.score import ScoreContext, check_criterion, get_criterion
+from medslim.score.relief import alpha_keep_counts, check_alpha
 from medslim.spec import CompressionSpec
 
 Progress = Callable[[str, str], None]  # (stage, layer name)
@@ -72,19 +74,24 @@ class CompressionSettings:
 class CompressConfig(CompressionSettings):
     """How to compress: validated settings + the seed (``random`` criterion).
     ``with_calibration``: the caller will pass calibration patches to ``compress_network``, so
-    a data-aware criterion (``hvs_data``, ``taylor``) is accepted here; without, it fails now
-    (unless ``prune_ratio`` is 0: nothing is scored)."""
+    a data-aware criterion (``hvs_data``, ``taylor``, ``relief``) is accepted here; without, it
+    fails now (unless nothing is scored: ``prune_ratio`` 0 and no ``alpha``).
+    ``alpha`` (criterion ``relief`` only, in (0, 1]): each layer keeps the fewest channels
+    holding α of its relief score mass (``medslim.score.relief.alpha_count``) instead of a
+    fixed ratio; ``prune_ratio`` is then set to 0 and ``selection`` must be ``"layer"``."""
 
     seed: int = 0
     with_calibration: bool = False
+    alpha: float | None = None
 
     def __post_init__(self) -> None:
         if self.decomposition not in DECOMPOSITIONS:
             raise MedslimError(f"unknown --decomposition '{self.decomposition}'; choose one of "
                                f"{', '.join(DECOMPOSITIONS)}{did_you_mean(str(self.decomposition), DECOMPOSITIONS)}")
         check_cp_rank(self.cp_rank)
-        if self.decomposition == "cp" and self.prune_ratio > 0:
-            raise MedslimError(f"--prune {self.prune_ratio} after --decomposition cp is not supported: Torch-Pruning "
+        if self.decomposition == "cp" and (self.prune_ratio > 0 or self.alpha is not None):
+            amount = f"--prune {self.prune_ratio}" if self.alpha is None else f"--alpha {self.alpha}"
+            raise MedslimError(f"{amount} after --decomposition cp is not supported: Torch-Pruning "
                                f"has no pruning function for CP blocks yet; use --prune 0 with cp, or prune with "
                                f"--criterion norton after the default Tucker decomposition")
         if self.decomposition == "cp" and self.guard not in ("params", None):
@@ -114,15 +121,25 @@ class CompressConfig(CompressionSettings):
         if self.prune_site not in PRUNE_SITES:
             raise MedslimError(f"unknown prune site '{self.prune_site}'; choose one of {', '.join(PRUNE_SITES)}")
         check_selection(self.selection)
+        check_alpha(self.alpha, self.criterion)
+        if self.alpha is not None:
+            if self.selection != "layer":
+                raise MedslimError("--alpha sets each layer's count itself; it does not combine with --selection global")
+            object.__setattr__(self, "prune_ratio", 0.0)  # the record says what ran: no fixed ratio
         self.rank_policy_fn()  # unknown policy → MedslimError now, not after minutes of work
         self.check_calibration(self.with_calibration)
         ScoreContext(engine=self.engine)
 
     def check_calibration(self, calibration: bool) -> None:
-        """``MedslimError`` if channels are scored (``prune_ratio > 0``) by a criterion that
-        needs calibration data and ``calibration`` is false."""
-        check_criterion(self.criterion, calibration=calibration or self.prune_ratio == 0,
+        """``MedslimError`` if channels are scored (``prunes``) by a criterion that needs
+        calibration data and ``calibration`` is false."""
+        check_criterion(self.criterion, calibration=calibration or not self.prunes,
                         hint="given by --calibration IMAGES (compress_network(calibration=...) in Python)")
+
+    @property
+    def prunes(self) -> bool:
+        """Whether channels are scored and pruned (a ratio ρ > 0, or the α rule)."""
+        return self.prune_ratio > 0 or self.alpha is not None
 
     def rank_policy_fn(self):
         params = {"df": {"df": self.df}, "energy": {"energy": self.energy},
@@ -155,7 +172,7 @@ def compress_network(net: nn.Module, config: CompressConfig, input_shape: Sequen
             the layers' input shapes for the ``latency``/``budget`` rank policies and guard).
         timer: measures layer latency (default ``LayerTimer()``: this machine, cached per device).
         calibration: ``[B, C_in, *patch]`` patches for data-aware criteria (``hvs_data``,
-            ``taylor``; e.g. ``medslim.score.calibration.calibration_patches``).
+            ``taylor``, ``relief``; e.g. ``medslim.score.calibration.calibration_patches``).
         calibration_target: ``[B, *patch]`` integer labels of ``calibration`` (``taylor``'s
             loss; default: the model's own argmax).
     Returns:
@@ -177,7 +194,7 @@ def compress_network(net: nn.Module, config: CompressConfig, input_shape: Sequen
 
     t = time.perf_counter()
     layers = prunable_layers(decomposed, config.prune_site, prune_stem=config.prune_stem)
-    if config.prune_ratio > 0 and layers:
+    if config.prunes and layers:
         ctx = ScoreContext(input_shape=tuple(input_shape), engine=config.engine, seed=config.seed,
                            calibration=calibration, calibration_target=calibration_target, cp_rank=config.cp_rank)
         scores = get_criterion(config.criterion)(decomposed.eval(), layers, ctx)
@@ -190,7 +207,9 @@ def compress_network(net: nn.Module, config: CompressConfig, input_shape: Sequen
     protect = () if config.prune_stem else (stem_output(decomposed),)
     pruned, prec = prune_network(decomposed, layers if scores else [], scores, config.prune_ratio, example,
                                  protect=protect, progress=(lambda name: progress("prune", name)) if progress else None,
-                                 selection=config.selection)
+                                 selection=config.selection,
+                                 keep=None if config.alpha is None else functools.partial(alpha_keep_counts,
+                                                                                          alpha=config.alpha))
     seconds["prune"] = time.perf_counter() - t
 
     spec = CompressionSpec(ranks=drec.ranks, kept=prec.kept, cp=drec.cp_ranks,

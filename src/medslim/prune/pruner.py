@@ -14,6 +14,11 @@ from medslim.prune.graph import build_graph
 from medslim.prune.select import check_selection, global_keep_counts, keep_count, top_k
 
 
+KeepRule = Callable[[Mapping[str, torch.Tensor]], Mapping[str, int]]
+"""``{group: [C_g] summed member scores} -> {group: channels kept}``: a criterion's own counts
+(e.g. ``medslim.score.relief.alpha_keep_counts``) in place of a ratio."""
+
+
 @dataclass
 class PruneRecord:
     """What pruning did: ``kept[root] = kept output-channel indices`` (in pruning order), the
@@ -43,7 +48,7 @@ def coupled_members(graph: tp.DependencyGraph, module: nn.Module, names: Mapping
 def prune_network(net: nn.Module, layers: Sequence[str], scores: Mapping[str, torch.Tensor],
                   ratio: float, example: torch.Tensor, protect: Sequence[str] = (),
                   progress: Callable[[str], None] | None = None,
-                  selection: str = "layer") -> tuple[nn.Module, PruneRecord]:
+                  selection: str = "layer", keep: KeepRule | None = None) -> tuple[nn.Module, PruneRecord]:
     """Prune ``ratio`` of the output channels of the layers in ``layers`` from a copy of ``net``.
 
     Coupled layers (e.g. residual additions) form one group, scored by the sum of its members'
@@ -62,24 +67,34 @@ def prune_network(net: nn.Module, layers: Sequence[str], scores: Mapping[str, to
             (``global``), in ``[0, 1)``.
         example: an input the network accepts, used to trace the graph.
         selection: ``"layer"`` or ``"global"`` (``medslim.prune.select.SELECTIONS``).
+        keep: sets each group's count from its summed scores instead of ``ratio`` and
+            ``selection`` (which are then ignored).
     Returns:
         the pruned copy and its ``PruneRecord``.
     Raises:
-        MedslimError: ``ratio`` outside ``[0, 1)`` or an unknown ``selection``.
+        MedslimError: ``ratio`` outside ``[0, 1)``, an unknown ``selection``, or a ``keep``
+            count outside ``[1, C_g]``.
     """
     if not 0.0 <= ratio < 1.0:
         raise MedslimError(f"pruning ratio must be in [0, 1), got {ratio}")
     check_selection(selection)
     net = copy.deepcopy(net)
     record = PruneRecord()
-    if ratio == 0.0 or not layers:
+    if (ratio == 0.0 and keep is None) or not layers:
         return net, record
     graph = build_graph(net, example)
     modules = dict(net.named_modules())
     groups = channel_groups(graph, modules, layers, protect)
     totals = {name: sum(scores[m].detach().double().cpu() for m in members) for name, members in groups.items()}
-    counts = (global_keep_counts(totals, ratio) if selection == "global"
-              else {name: keep_count(t.numel(), ratio) for name, t in totals.items()})
+    if keep is not None:
+        counts = dict(keep(totals))
+        bad = next((n for n, t in totals.items() if not 1 <= counts.get(n, 0) <= t.numel()), None)
+        if bad is not None:
+            raise MedslimError(f"keep rule gave {counts.get(bad)} channels for '{bad}', which has {totals[bad].numel()}")
+    elif selection == "global":
+        counts = global_keep_counts(totals, ratio)
+    else:
+        counts = {name: keep_count(t.numel(), ratio) for name, t in totals.items()}
     for name, members in groups.items():
         keep = top_k(totals[name], counts[name])
         c = totals[name].numel()

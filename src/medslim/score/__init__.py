@@ -2,7 +2,7 @@
 
 ``get_criterion(name)(model, layers, ctx) -> {layer: [C_out] scores}``; see ``list_criteria()``.
 """
-from medslim.score import baselines, hvs, norton, taylor  # noqa: F401  (register the criteria)
+from medslim.score import baselines, hvs, norton, relief, taylor  # noqa: F401  (register the criteria)
 from medslim.score.propagate import Propagation, find_head, propagate
 from medslim.score.registry import (CRITERIA, NEEDS_CALIBRATION, Criterion, ScoreContext, check_criterion,
                                     get_criterion, list_criteria, register_criterion)

@@ -166,10 +166,10 @@ def channel_matrix(conv: _ConvNd) -> Tensor:
 
 
 def _conv_replacement(m: _ConvNd, engine: Engine, rule: Rule, dtype: torch.dtype,
-                      scale: Tensor | None) -> _Op:
+                      scale: Tensor | None, matrix: Tensor | None = None) -> _Op:
     nd = m.weight.dim() - 2
     if engine == "channel":
-        p = channel_matrix(m).to(dtype)
+        p = channel_matrix(m).to(dtype) if matrix is None else matrix.to(dtype)
         if scale is not None:
             p = p * scale.to(dtype)[None, :]
         return _ConvOp(p.reshape(*p.shape, *[1] * nd), [1] * nd, [0] * nd, [1] * nd, False,
@@ -183,13 +183,13 @@ def _conv_replacement(m: _ConvNd, engine: Engine, rule: Rule, dtype: torch.dtype
 
 
 def _replacement(name: str, m: nn.Module, engine: Engine, rule: Rule, dtype: torch.dtype,
-                 scale: Tensor | None) -> nn.Module | None:
+                 scale: Tensor | None, matrix: Tensor | None = None) -> nn.Module | None:
     """The stand-in for leaf module ``m``, or ``None`` to keep it (shape-only modules)."""
     kind = type(m).__name__
     if isinstance(m, _ConvNd):
-        return Linearised(_conv_replacement(m, engine, rule, dtype, scale), kind)
+        return Linearised(_conv_replacement(m, engine, rule, dtype, scale, matrix), kind)
     if isinstance(m, nn.Linear):
-        w = m.weight.detach().abs().to(dtype)
+        w = (m.weight.detach().abs() if matrix is None else matrix).to(dtype)
         if scale is not None:
             w = w * scale.to(dtype)[None, :]
         return Linearised(_FnOp(lambda x: F.linear(x, w), rule, weighted=True), kind)
@@ -227,21 +227,25 @@ def _with_residual_rule(net: nn.Module, weight: float) -> nn.Module:
 
 
 def linearise(model: nn.Module, engine: Engine, rule: Rule, dtype: torch.dtype,
-              input_scale: dict[str, Tensor] | None = None) -> nn.Module:
+              input_scale: dict[str, Tensor] | None = None,
+              matrices: dict[str, Tensor] | None = None) -> nn.Module:
     """A linearised deep copy of ``model`` (module names unchanged; ``model`` untouched). Its
     ``forward`` is wrapped to apply the residual rule, so run it, do not copy it.
 
     Args:
         input_scale: optional ``{module name: [C_in]}`` factors multiplying the columns of each
             channel matrix (``hvs_data``: ``E|h_c|``); channel engine only.
+        matrices: optional ``{module name: [C_out, C_in]}`` non-negative matrices used in place
+            of ``|W|`` / ``P̄`` (``relief``: connection scores); channel engine for convolutions.
     """
     net = copy.deepcopy(model).eval().requires_grad_(False)
     if next(net.children(), None) is None:  # the model is a single layer
-        return _replacement("", net, engine, rule, dtype, (input_scale or {}).get("")) or net
+        return _replacement("", net, engine, rule, dtype, (input_scale or {}).get(""),
+                            (matrices or {}).get("")) or net
     new: dict[int, nn.Module] = {}
     for name, m in net.named_modules():
         if next(m.children(), None) is None:
-            r = _replacement(name, m, engine, rule, dtype, (input_scale or {}).get(name))
+            r = _replacement(name, m, engine, rule, dtype, (input_scale or {}).get(name), (matrices or {}).get(name))
             if r is not None:
                 new[id(m)] = r
     # replace every slot holding a module, so aliases (nnU-Net's `conv` / `all_modules.0`) agree

@@ -116,13 +116,15 @@ def _input_shape(model: nn.Module, ctx: ScoreContext) -> tuple[int, ...]:
 
 def propagate(model: nn.Module, ctx: ScoreContext, outputs_of: Sequence[str] = (),
               inputs_of: Sequence[str] = (), *, rule: Rule = "hvs",
-              input_scale: dict[str, Tensor] | None = None) -> Propagation:
+              input_scale: dict[str, Tensor] | None = None,
+              matrices: dict[str, Tensor] | None = None) -> Propagation:
     """Seed δ = 1 at the head's output and propagate scores backwards (see ``linearise``).
 
     Uses ``ctx.engine``, ``ctx.input_shape``, ``ctx.reduce``, ``ctx.seed_classes`` and
     ``ctx.head``; ``ctx.normalize`` is ignored (scores are raw). The channel engine computes in
     float64 (tiny tensors); the spatial engine in float32, float64 for ``nisp`` whose unnormalised
-    products of ``|W|`` sums can overflow float32 in deep networks.
+    products of ``|W|`` sums can overflow float32 in deep networks. ``input_scale`` and
+    ``matrices``: see ``linearise``.
 
     Raises:
         MedslimError: unknown module names, bad seed classes, a requested module that is not run
@@ -131,7 +133,7 @@ def propagate(model: nn.Module, ctx: ScoreContext, outputs_of: Sequence[str] = (
     head = ctx.head if ctx.head is not None else find_head(model)
     originals = resolve_layers(model, [*outputs_of, *inputs_of, head])
     dtype = torch.float64 if ctx.engine == "channel" or rule == "nisp" else torch.float32
-    net = linearise(model, ctx.engine, rule, dtype, input_scale)
+    net = linearise(model, ctx.engine, rule, dtype, input_scale, matrices)
     modules = dict(net.named_modules())
 
     outs = {n: _Channels(_channel_dim(originals[n])) for n in outputs_of}
