@@ -199,6 +199,7 @@ def test_cli_norton_prune_end_to_end(reference_dir, tmp_path, hippo_patch):
     (["--decomposition", "cp", "--cp-rank", "0"], "--cp-rank must be an integer ≥ 1"),
     (["--decomposition", "tuker"], "did you mean 'tucker'"),
     (["--decomposition", "cp", "--prune", "0.3"], "not supported"),
+    (["--decomposition", "cp", "--criterion", "relief", "--alpha", "0.9"], "--alpha 0.9 after --decomposition cp"),
     (["--criterion", "nortn"], "did you mean 'norton'"),
 ])
 def test_bad_options_exit_2(reference_dir, tmp_path, args, match):
