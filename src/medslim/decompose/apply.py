@@ -203,6 +203,22 @@ def decompose_network(net: nn.Module, policy: Callable[..., LayerRanks], *, meth
     return new, record
 
 
+def spec_conv(modules: Mapping[str, nn.Module], name: str, verb: str) -> _ConvNd:
+    """The convolution a compression spec names (``verb``: what the spec does to it).
+
+    Raises:
+        MedslimError: the network has no such module, or it is not a convolution.
+    """
+    conv = modules.get(name)
+    if conv is None:
+        raise MedslimError(f"the compression spec {verb} `{name}`, which the network does not have"
+                           f"{did_you_mean(name, list(modules))}; was the spec made for another architecture?")
+    if not isinstance(conv, _ConvNd):
+        raise MedslimError(f"the compression spec {verb} `{name}`, which is a {type(conv).__name__}, "
+                           f"not a convolution; was the spec made for another architecture?")
+    return conv
+
+
 def apply_ranks(net: nn.Module, ranks: Mapping[str, LayerRanks]) -> nn.Module:
     """Structure-only rebuild: a deep copy of ``net`` (the base architecture) with each named
     conv replaced by ``TuckerConv.empty_like`` (default-initialised weights), ready for a
@@ -215,13 +231,7 @@ def apply_ranks(net: nn.Module, ranks: Mapping[str, LayerRanks]) -> nn.Module:
     modules = dict(new.named_modules(remove_duplicate=False))
     chosen: dict[int, tuple[str, nn.Module, LayerRanks]] = {}
     for name, r in ranks.items():
-        conv = modules.get(name)
-        if conv is None:
-            raise MedslimError(f"the compression spec names layer `{name}`, which the network does not have"
-                               f"{did_you_mean(name, list(modules))}; was the spec made for another architecture?")
-        if not isinstance(conv, _ConvNd):
-            raise MedslimError(f"the compression spec decomposes `{name}`, which is a {type(conv).__name__}, "
-                               f"not a convolution; was the spec made for another architecture?")
+        conv = spec_conv(modules, name, "decomposes")
         _check_ranks(name, conv, r)
         if id(conv) in chosen and chosen[id(conv)][2] != r:
             raise MedslimError(f"the compression spec gives `{chosen[id(conv)][0]}` and its alias `{name}` "

@@ -9,16 +9,17 @@ handle. The stem (``C_in = 1``) usually fails the parameter guard at ``R ≥ 3``
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from medslim.decompose.apply import (DecompositionRecord, LayerRecord, _layer_record, eligible_convs,
+from medslim.decompose.apply import (DecompositionRecord, LayerRecord, _layer_record, eligible_convs, spec_conv,
                                      module_parents, replace_module)
 from medslim.decompose.cp import N_ITER_MAX, CPDConv, check_cp_conv, cp_params
-from medslim.errors import MedslimError, did_you_mean
+from medslim.errors import MedslimError
 from medslim.spec import LayerRanks
 
 CP_GUARDS = ("params", None)
@@ -70,7 +71,7 @@ def cp_record(conv: _ConvNd, rank: int) -> LayerRecord:
     """The layer record of a dense conv, with CP's parameters and MACs per output voxel."""
     base = _layer_record(conv, LayerRanks(None, None))
     n = conv.out_channels * rank
-    macs = conv.in_channels * n * _prod(conv.stride) + n * sum(conv.kernel_size)  # projection at input resolution
+    macs = conv.in_channels * n * math.prod(conv.stride) + n * sum(conv.kernel_size)  # projection at input resolution
     return replace(base, cp_rank=rank, params_after=cp_params(conv, rank), macs_after=float(macs))
 
 
@@ -86,13 +87,7 @@ def apply_cp(net: nn.Module, cp: Mapping[str, int]) -> nn.Module:
     parents = module_parents(new)
     done: set[int] = set()
     for name, rank in cp.items():
-        conv = modules.get(name)
-        if conv is None:
-            raise MedslimError(f"the compression spec CP-decomposes `{name}`, which the network does not have"
-                               f"{did_you_mean(name, list(modules))}; was the spec made for another architecture?")
-        if not isinstance(conv, _ConvNd):
-            raise MedslimError(f"the compression spec CP-decomposes `{name}`, which is a {type(conv).__name__}, "
-                               f"not a convolution; was the spec made for another architecture?")
+        conv = spec_conv(modules, name, "CP-decomposes")
         check_cp_conv(conv)
         check_cp_rank(rank, f"the CP rank of `{name}`")
         if id(conv) not in done:
@@ -100,9 +95,3 @@ def apply_cp(net: nn.Module, cp: Mapping[str, int]) -> nn.Module:
             done.add(id(conv))
     return new
 
-
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
