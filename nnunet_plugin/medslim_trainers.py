@@ -20,6 +20,13 @@ frozen in eval mode, run on the same augmented batch; nnU-Net's loss is wrapped 
 ``medslim.finetune.distill.DistillationLoss``. ``init="scratch"`` re-initialises the
 (compressed) network after compression: the train-from-scratch control.
 
+Regularisers (``regularizer`` ``lobster``/``serene``, ``medslim.finetune.sparsify``): hooked to the
+optimizer (shrinkage before each step, pinned zeros after); a threshold step at validation-loss
+plateaus and at the end; ``fold_X/medslim_regularizer.json`` reports what was zeroed. SeReNe then
+removes the zeroed channels physically and rewrites plans.json with the spec (kept channels), so
+stock ``nnUNetv2_predict`` rebuilds the final network (``checkpoint_best.pth``, of the unpruned
+architecture, is deleted).
+
 Settings: the trainer variant's fixed keys, ``MEDSLIM_CONFIG`` (a JSON file, see
 ``medslim.finetune.config``), ``MEDSLIM_EPOCHS``/``MEDSLIM_ITERS``/``MEDSLIM_SEED``; the resolved
 config is written to ``medslim_config.json`` in the results folder.
@@ -40,6 +47,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from medslim.errors import MedslimError
 from medslim.finetune.config import resolve_config
 from medslim.finetune.distill import DistillationLoss, frozen_copy
+from medslim.finetune.regularize import plateaued
 from medslim.network import COMPRESSED_CLASS, is_compressed
 from medslim.score.registry import NEEDS_CALIBRATION
 from medslim.finetune.nnunet import (
@@ -88,6 +96,9 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
         self._medslim_teacher: torch.nn.Module | None = None
         self._medslim_loaders = None
         self._medslim_original = (self.plans_manager, self.configuration_manager)
+        self._medslim_reg = None
+        self._medslim_reg_losses: list[float] = []
+        self._medslim_reg_report: dict = {}
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
@@ -236,6 +247,12 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         return plans
 
+    def _save_plans(self, plans: dict) -> None:
+        """Rewrite the results folder's plans.json (the network changed after nnU-Net wrote it)."""
+        if self.local_rank == 0:
+            with open(join(self.output_folder_base, "plans.json"), "w") as f:
+                json.dump(plans, f, indent=4, sort_keys=False)
+
     def on_epoch_start(self):
         self._medslim_next_stage()
         super().on_epoch_start()
@@ -262,10 +279,7 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
         finally:
             net.decoder.deep_supervision = ds
         new.decoder.deep_supervision = ds
-        plans = self._adopt(new.train())
-        if self.local_rank == 0:
-            with open(join(self.output_folder_base, "plans.json"), "w") as f:
-                json.dump(plans, f, indent=4, sort_keys=False)
+        self._save_plans(self._adopt(new.train()))
         from medslim.measure import count_parameters
 
         self.print_to_log_file(f"medslim: stage {done + 1}/{cfg.steps} at epoch {self.current_epoch}: "
@@ -283,7 +297,16 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
         if cfg.kd_weight > 0:
             self._medslim_teacher = self._build_teacher()
         super().on_train_start()  # writes plans.json from self.plans_manager (compressed)
-        if compressing and cfg.steps == 1:  # with stages it would not match the final plans
+        if cfg.regularizer != "none":
+            from medslim.finetune.sparsify import attach, make_regularizer
+
+            self._medslim_reg = make_regularizer(self._bare_network(), cfg.regularizer, cfg.reg_lambda,
+                                                 self.num_input_channels, cfg.prune_stem)
+            attach(self.optimizer, self._medslim_reg)
+            self.print_to_log_file(f"medslim: {cfg.regularizer} regulariser, λ {cfg.reg_lambda:g}, "
+                                   f"tolerance {cfg.reg_tolerance:g}, patience {cfg.reg_patience}")
+        # with stages, or SeReNe's channel removal, it would not match the final plans
+        if compressing and cfg.steps == 1 and cfg.regularizer != "serene":
             # saved only now: nnU-Net sets inference_allowed_mirroring_axes while building the
             # dataloaders, and a checkpoint saved earlier predicts without test-time mirroring
             os.makedirs(self.output_folder, exist_ok=True)
@@ -299,6 +322,87 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
         if self.local_rank == 0:
             with open(path, "w") as f:
                 json.dump(record, f, indent=1)
+
+
+    def on_train_epoch_start(self):
+        from medslim.finetune.sparsify import SereneRegularizer
+
+        if isinstance(self._medslim_reg, SereneRegularizer):
+            self._medslim_reg.refresh(self._bare_network(), self._calibration_batches()[0])
+            s = torch.cat(list(self._medslim_reg.sensitivity.values()))
+            self.print_to_log_file(f"medslim: SeReNe sensitivity median {s.median():.3g}, "
+                                   f"{int((s < 1).sum())}/{s.numel()} channels insensitive (S < 1)")
+        super().on_train_epoch_start()
+
+    def on_epoch_end(self):
+        if self._medslim_reg is not None:
+            self._medslim_reg_losses.append(float(self.logger.get_value("val_losses", step=-1)))
+            last = self.current_epoch == self.num_epochs - 1  # the end of training thresholds anyway
+            if not last and plateaued(self._medslim_reg_losses, self.medslim_config.reg_patience):
+                self._medslim_threshold("plateau")
+                self._medslim_reg_losses = []
+        super().on_epoch_end()
+
+    def _medslim_threshold(self, why: str) -> None:
+        """Zero what lies below the threshold keeping nnU-Net's validation loss (on fixed
+        ``val_iterations`` batches) within ``reg_tolerance``."""
+        batches = [next(self.dataloader_val) for _ in range(self.num_val_iterations_per_epoch)]
+
+        def val_loss() -> float:
+            self.network.eval()
+            with torch.no_grad():
+                return float(np.mean([self.validation_step(b)["loss"] for b in batches]))
+
+        result = self._medslim_reg.threshold(val_loss, self.medslim_config.reg_tolerance)
+        self.network.train()
+        zeroed = self._medslim_reg.history[-1]
+        self.print_to_log_file(f"medslim: {self.medslim_config.regularizer} threshold ({why}, epoch "
+                               f"{self.current_epoch}) {result.threshold:.4g}: val loss {result.base_loss:.4f} → "
+                               f"{result.loss:.4f} (budget {result.budget:.4f}); "
+                               + ", ".join(f"{k} {v}" for k, v in zeroed.items() if k.startswith(("zeros", "channels"))))
+
+    def _medslim_remove_channels(self) -> dict:
+        """SeReNe's end: the network without its zeroed channels, as a spec in plans.json;
+        returns what it removed and the largest output difference to the masked network."""
+        from medslim.measure import count_parameters
+        from medslim.network import CompressedUNet
+
+        net = self._bare_network()
+        pruned, spec = self._medslim_reg.remove(net)
+        data = torch.as_tensor(next(self.dataloader_val)["data"]).to(self.device)
+        with torch.no_grad():
+            masked, removed = net.eval()(data), pruned.eval()(data)
+        first = (lambda o: o[0] if isinstance(o, (list, tuple)) else o)
+        diff = float((first(masked) - first(removed)).abs().max())
+        before = count_parameters(net)
+        self._save_plans(self._adopt(CompressedUNet.wrap(pruned, spec).train()))
+        best = join(self.output_folder, "checkpoint_best.pth")
+        if self.local_rank == 0 and isfile(best):
+            os.remove(best)  # of the unpruned architecture: plans.json no longer rebuilds it
+        report = {"parameters_before": before, "parameters_after": count_parameters(pruned),
+                  "max_abs_output_difference": diff, "kept": {k: len(v) for k, v in spec.kept.items()}}
+        self.print_to_log_file(f"medslim: SeReNe removed {self._medslim_reg.dead_count()} channels: "
+                               f"{before} → {report['parameters_after']} parameters (output change {diff:.2g})")
+        return report
+
+    def on_train_end(self):
+        reg = self._medslim_reg
+        if reg is not None:
+            from medslim.finetune.sparsify import SereneRegularizer
+
+            self._medslim_threshold("end")
+            report = reg.report()
+            if isinstance(reg, SereneRegularizer):
+                report["removal"] = self._medslim_remove_channels()
+            else:
+                self.print_to_log_file(f"medslim: LOBSTER zeroed {report['zeros']} of {report['weights']} "
+                                       f"convolution weights ({100 * report['sparsity']:.2f} %); unstructured "
+                                       "sparsity does not make the dense network faster")
+            if self.local_rank == 0:
+                os.makedirs(self.output_folder, exist_ok=True)
+                with open(join(self.output_folder, "medslim_regularizer.json"), "w") as f:
+                    json.dump(report, f, indent=1)
+        super().on_train_end()
 
 
 class nnUNetTrainerMedslimControl(nnUNetTrainerMedslim):
@@ -338,6 +442,20 @@ class nnUNetTrainerMedslimWeberControl(nnUNetTrainerMedslim):
     """The Weber et al. schedule on the uncompressed model."""
 
     medslim_fixed: ClassVar[dict] = {"schedule": "weber", "compress": False}
+
+
+class nnUNetTrainerMedslimLOBSTER(nnUNetTrainerMedslim):
+    """LOBSTER (unstructured, loss-based sensitivity) on the uncompressed pretrained model,
+    thesis schedule; zeroed weights are reported, not removed."""
+
+    medslim_fixed: ClassVar[dict] = {"regularizer": "lobster", "compress": False}
+
+
+class nnUNetTrainerMedslimSeReNe(nnUNetTrainerMedslim):
+    """SeReNe (structured, output sensitivity of channels) on the uncompressed pretrained model,
+    thesis schedule; the zeroed channels are removed and written as a spec."""
+
+    medslim_fixed: ClassVar[dict] = {"regularizer": "serene", "compress": False}
 
 
 def _grid_name(df: float, rho: float) -> str:

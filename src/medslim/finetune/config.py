@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from medslim.compress import CompressConfig, CompressionSettings
-from medslim.errors import MedslimError
+from medslim.errors import MedslimError, did_you_mean
 from medslim.mapping_file import read_mapping
 from medslim.finetune.distill import KD_LEVELS
+from medslim.finetune.regularize import REGULARIZERS
 from medslim.network import is_compressed
 
 # Thesis: Adam, lr 1e-4, 200 updates (4 epochs x 50). Weber et al. 2025: AdamW, lr 1e-5,
@@ -53,7 +54,13 @@ class FinetuneConfig(CompressionSettings):
     ``calibration_batches`` training batches feed data-aware criteria (``hvs_data``, ``taylor``).
     ``steps`` > 1 reaches the target in stages (compress a little, fine-tune, repeat): each
     stage multiplies the ranks by ``DF^(1/steps)`` and removes ``1 − (1 − ρ)^(1/steps)`` of the
-    current channels, at epochs ``round(i · epochs / steps)`` (``medslim.recompress``)."""
+    current channels, at epochs ``round(i · epochs / steps)`` (``medslim.recompress``).
+
+    ``regularizer`` ``lobster`` / ``serene`` (``medslim.finetune.sparsify``) shrinks insensitive
+    weights / channels by ``reg_lambda`` λ after every update; after ``reg_patience`` epochs
+    without a lower validation loss, and at the end, it zeroes what lies below the threshold
+    that keeps the validation loss within ``reg_tolerance`` (relative); SeReNe then removes the
+    zeroed channels. λ 1e-3 and tolerance 0.05 are not tuned."""
 
     compress: bool = True
     schedule: str = "thesis"
@@ -73,6 +80,10 @@ class FinetuneConfig(CompressionSettings):
     final_validation: bool = True
     calibration_batches: int = 4
     steps: int = 1
+    regularizer: str = "none"
+    reg_lambda: float = 1e-3
+    reg_tolerance: float = 0.05
+    reg_patience: int = 2
     dataset_name: str | None = None
     plans_name: str | None = None
     configuration: str | None = None
@@ -88,6 +99,15 @@ class FinetuneConfig(CompressionSettings):
             raise MedslimError(f"unknown init '{self.init}'; choose one of {', '.join(INITS)}")
         if self.kd_levels not in KD_LEVELS:
             raise MedslimError(f"unknown kd_levels '{self.kd_levels}'; choose one of {', '.join(KD_LEVELS)}")
+        if self.regularizer not in REGULARIZERS:
+            raise MedslimError(f"unknown regularizer '{self.regularizer}'{did_you_mean(self.regularizer, REGULARIZERS)}; "
+                               f"choose one of {', '.join(REGULARIZERS)}")
+        if not 0.0 < self.reg_lambda < 1.0:
+            raise MedslimError(f"reg_lambda must be in (0, 1), got {self.reg_lambda}")
+        if self.reg_tolerance < 0:
+            raise MedslimError(f"reg_tolerance must be >= 0 (a relative validation-loss increase), got {self.reg_tolerance}")
+        if self.regularizer != "none" and self.steps > 1:
+            raise MedslimError(f"regularizer '{self.regularizer}' with iterative compression (steps > 1) is not supported")
         if self.kd_weight < 0:
             raise MedslimError(f"kd_weight must be >= 0, got {self.kd_weight}")
         if self.kd_temperature <= 0:
@@ -96,7 +116,8 @@ class FinetuneConfig(CompressionSettings):
             raise MedslimError(f"lr must be in (0, 1], got {self.lr}")
         if self.weight_decay < 0:
             raise MedslimError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        for key in ("epochs", "iterations", "val_iterations", "save_every", "calibration_batches", "steps"):
+        for key in ("epochs", "iterations", "val_iterations", "save_every", "calibration_batches", "steps",
+                    "reg_patience"):
             if getattr(self, key) < 1:
                 raise MedslimError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.rank_min < 1:
