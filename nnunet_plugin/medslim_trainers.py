@@ -323,7 +323,6 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
             with open(path, "w") as f:
                 json.dump(record, f, indent=1)
 
-
     def on_train_epoch_start(self):
         from medslim.finetune.sparsify import SereneRegularizer
 
