@@ -60,7 +60,15 @@ class FinetuneConfig(CompressionSettings):
     weights / channels by ``reg_lambda`` λ after every update; after ``reg_patience`` epochs
     without a lower validation loss, and at the end, it zeroes what lies below the threshold
     that keeps the validation loss within ``reg_tolerance`` (relative); SeReNe then removes the
-    zeroed channels. λ 1e-3 and tolerance 0.05 are not tuned."""
+    zeroed channels. λ 1e-3 and tolerance 0.05 are not tuned.
+
+    ``dprp`` (``medslim.finetune.dprp``, the uncompressed model only) trains every eligible conv
+    as SVD factors with nnU-Net's loss + ``dprp_orth``·L_orth + ``dprp_sort``·L_sort +
+    ``dprp_comp``·L_comp (Sharma et al. 2025: 1000, 1, λ_comp 0.1–1), cuts each layer's rank at
+    the first singular-value ratio ≤ ``dprp_epsilon`` (ε, paper 0.001–0.1) every
+    ``dprp_cut_every`` epochs and at the end, and writes ``TuckerConv`` layers (``dprp_guard``
+    ``params``: layers whose factored form is not smaller are written back dense; ``none``:
+    never). Defaults λ_comp 0.1, ε 0.01 are the paper's middle values, not tuned here."""
 
     compress: bool = True
     schedule: str = "thesis"
@@ -84,6 +92,13 @@ class FinetuneConfig(CompressionSettings):
     reg_lambda: float = 1e-3
     reg_tolerance: float = 0.05
     reg_patience: int = 2
+    dprp: bool = False
+    dprp_orth: float = 1000.0
+    dprp_sort: float = 1.0
+    dprp_comp: float = 0.1
+    dprp_epsilon: float = 0.01
+    dprp_cut_every: int = 1
+    dprp_guard: str = "params"
     dataset_name: str | None = None
     plans_name: str | None = None
     configuration: str | None = None
@@ -108,6 +123,7 @@ class FinetuneConfig(CompressionSettings):
             raise MedslimError(f"reg_tolerance must be >= 0 (a relative validation-loss increase), got {self.reg_tolerance}")
         if self.regularizer != "none" and self.steps > 1:
             raise MedslimError(f"regularizer '{self.regularizer}' with iterative compression (steps > 1) is not supported")
+        self._check_dprp()
         if self.kd_weight < 0:
             raise MedslimError(f"kd_weight must be >= 0, got {self.kd_weight}")
         if self.kd_temperature <= 0:
@@ -128,6 +144,27 @@ class FinetuneConfig(CompressionSettings):
             raise MedslimError("iterative compression (steps > 1) supports prune_site 'outer' only")
         if self.compress:
             self.compression()  # CompressConfig validates df, prune_ratio, criterion, site, ...
+
+    def _check_dprp(self) -> None:
+        from medslim.finetune.dprp import GUARDS
+
+        if self.dprp_guard not in GUARDS:
+            raise MedslimError(f"unknown dprp_guard '{self.dprp_guard}'{did_you_mean(self.dprp_guard, GUARDS)}; "
+                               f"choose one of {', '.join(GUARDS)}")
+        for key in ("dprp_orth", "dprp_sort", "dprp_comp"):
+            if getattr(self, key) < 0:
+                raise MedslimError(f"{key} must be >= 0 (a loss weight), got {getattr(self, key)}")
+        if not 0.0 < self.dprp_epsilon < 1.0:
+            raise MedslimError(f"dprp_epsilon must be in (0, 1) (a singular-value ratio), got {self.dprp_epsilon}")
+        if self.dprp_cut_every < 1:
+            raise MedslimError(f"dprp_cut_every must be >= 1 (epochs), got {self.dprp_cut_every}")
+        if self.dprp and self.compress:
+            raise MedslimError("dprp trains the uncompressed model's convs as SVD factors; set compress false "
+                               "(nnUNetTrainerMedslimDPRP does)")
+        if self.dprp and self.kd_weight > 0:
+            raise MedslimError("dprp with distillation (kd_weight > 0) is not supported; set kd_weight 0")
+        if self.dprp and self.regularizer != "none":
+            raise MedslimError(f"dprp with regularizer '{self.regularizer}' is not supported; use one of them")
 
     def compression(self) -> CompressConfig:
         """The ``CompressConfig`` these settings describe (the trainers feed data-aware
