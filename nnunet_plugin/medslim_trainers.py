@@ -27,6 +27,14 @@ removes the zeroed channels physically and rewrites plans.json with the spec (ke
 stock ``nnUNetv2_predict`` rebuilds the final network (``checkpoint_best.pth``, of the unpruned
 architecture, is deleted).
 
+DPRP (``dprp``, ``medslim.finetune.dprp``): at the start every eligible conv becomes full-rank
+trained SVD factors and nnU-Net's loss is wrapped in ``DPRPLoss``; ranks are cut every
+``dprp_cut_every`` epochs (new optimizer when a rank shrank) and at the end, where the factors
+are written as ``TuckerConv`` layers and plans.json is rewritten with the spec (ranks), so stock
+``nnUNetv2_predict`` rebuilds the final network; ``fold_X/medslim_dprp.json`` reports the ranks.
+Checkpoints written before the end hold SVD factors: ``--c`` is refused, ``checkpoint_best.pth``
+is deleted at the end.
+
 Settings: the trainer variant's fixed keys, ``MEDSLIM_CONFIG`` (a JSON file, see
 ``medslim.finetune.config``), ``MEDSLIM_EPOCHS``/``MEDSLIM_ITERS``/``MEDSLIM_SEED``; the resolved
 config is written to ``medslim_config.json`` in the results folder.
@@ -99,6 +107,8 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
         self._medslim_reg = None
         self._medslim_reg_losses: list[float] = []
         self._medslim_reg_report: dict = {}
+        self._medslim_dprp_full: dict[str, int] = {}
+        self._medslim_dprp_cuts: list[dict] = []
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
@@ -129,8 +139,11 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
             return super().initialize()  # nnU-Net's own error
         cfg = self.medslim_config
         if self._resuming_from_checkpoint():
+            if cfg.dprp and "--val" not in sys.argv:
+                raise MedslimError("DPRP cannot continue a run (--c): its checkpoints before the end hold SVD factors "
+                                   "that no plans rebuild; start the run again")
             saved = join(self.output_folder_base, "plans.json")
-            if cfg.compress:
+            if cfg.compress or cfg.dprp:
                 if not isfile(saved):
                     raise MedslimError(f"cannot continue: {saved} (plans of the compressed network) is missing")
                 plans = json.loads(Path(saved).read_text())
@@ -305,6 +318,8 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
             attach(self.optimizer, self._medslim_reg)
             self.print_to_log_file(f"medslim: {cfg.regularizer} regulariser, λ {cfg.reg_lambda:g}, "
                                    f"tolerance {cfg.reg_tolerance:g}, patience {cfg.reg_patience}")
+        if cfg.dprp:
+            self._medslim_dprp_start()
         # with stages, or SeReNe's channel removal, it would not match the final plans
         if compressing and cfg.steps == 1 and cfg.regularizer != "serene":
             # saved only now: nnU-Net sets inference_allowed_mirroring_axes while building the
@@ -333,7 +348,67 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
                                    f"{int((s < 1).sum())}/{s.numel()} channels insensitive (S < 1)")
         super().on_train_epoch_start()
 
+    def _medslim_dprp_start(self) -> None:
+        """Factorise the eligible convs into full-rank SVD factors; wrap the loss; new optimizer."""
+        from medslim.finetune.dprp import DPRPLoss, DPRPWeights, factorize, svd_layers
+
+        cfg = self.medslim_config
+        net = factorize(self._bare_network().cpu())
+        self.network = net.to(self.device)
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+        self._medslim_dprp_full = {n: m.rank for n, m in svd_layers(net).items()}
+        weights = DPRPWeights(cfg.dprp_orth, cfg.dprp_sort, cfg.dprp_comp, cfg.dprp_epsilon)
+        self.loss = DPRPLoss(self.loss, net, weights)
+        self.print_to_log_file(f"medslim: DPRP factorised {len(self._medslim_dprp_full)} convs at full rank "
+                               f"(weights {weights}, cut every {cfg.dprp_cut_every} epochs)")
+
+    def _medslim_dprp_cut(self, why: str) -> None:
+        """Cut every SVD layer's rank (``dprp_epsilon``); a new optimizer if a rank shrank."""
+        from medslim.finetune.dprp import cut_network
+
+        cut = cut_network(self._bare_network(), self.medslim_config.dprp_epsilon)
+        self._medslim_dprp_cuts.append({"epoch": self.current_epoch, "why": why,
+                                        "cut": {k: list(v) for k, v in cut.items()}})
+        if cut:
+            self.optimizer, self.lr_scheduler = self.configure_optimizers()
+        terms = ", ".join(f"{k} {v:.3g}" for k, v in getattr(self.loss, "last", {}).items())
+        self.print_to_log_file(f"medslim: DPRP cut ({why}, epoch {self.current_epoch}): {len(cut)} layers shrank, "
+                               f"{sum(b - a for b, a in cut.values())} components removed; last terms: {terms}")
+
+    def _medslim_dprp_finish(self) -> None:
+        """The final cut, then TuckerConv layers + spec, plans.json rewritten; ``medslim_dprp.json``."""
+        from dataclasses import asdict
+
+        from medslim.finetune.dprp import finalize
+        from medslim.measure import count_parameters
+        from medslim.network import CompressedUNet
+
+        cfg = self.medslim_config
+        self._medslim_dprp_cut("end")
+        net = self._bare_network().cpu()
+        before = count_parameters(net)
+        final, spec, layers = finalize(net, self._medslim_dprp_full, cfg.dprp_guard,
+                                       {"epsilon": cfg.dprp_epsilon, "guard": cfg.dprp_guard})
+        self._save_plans(self._adopt(CompressedUNet.wrap(final, spec).train()))
+        self.loss = self.loss.inner
+        best = join(self.output_folder, "checkpoint_best.pth")
+        if self.local_rank == 0 and isfile(best):
+            os.remove(best)  # SVD factors: plans.json does not rebuild them
+        report = {"parameters_svd": before, "parameters_after": count_parameters(final),
+                  "layers": {k: asdict(v) for k, v in layers.items()}, "cuts": self._medslim_dprp_cuts}
+        self.print_to_log_file(f"medslim: DPRP wrote {len(spec.ranks)} TuckerConv layers, "
+                               f"{sum(v.written_as == 'dense' for v in layers.values())} dense; "
+                               f"{report['parameters_after']} parameters")
+        if self.local_rank == 0:
+            os.makedirs(self.output_folder, exist_ok=True)
+            with open(join(self.output_folder, "medslim_dprp.json"), "w") as f:
+                json.dump(report, f, indent=1)
+
     def on_epoch_end(self):
+        cfg = self.medslim_config
+        last = self.current_epoch == self.num_epochs - 1  # the end cuts anyway
+        if cfg.dprp and not last and (self.current_epoch + 1) % cfg.dprp_cut_every == 0:
+            self._medslim_dprp_cut("interval")
         if self._medslim_reg is not None:
             self._medslim_reg_losses.append(float(self.logger.get_value("val_losses", step=-1)))
             last = self.current_epoch == self.num_epochs - 1  # the end of training thresholds anyway
@@ -385,6 +460,8 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
         return report
 
     def on_train_end(self):
+        if self.medslim_config.dprp:
+            self._medslim_dprp_finish()
         reg = self._medslim_reg
         if reg is not None:
             from medslim.finetune.sparsify import SereneRegularizer
@@ -455,6 +532,14 @@ class nnUNetTrainerMedslimSeReNe(nnUNetTrainerMedslim):
     thesis schedule; the zeroed channels are removed and written as a spec."""
 
     medslim_fixed: ClassVar[dict] = {"regularizer": "serene", "compress": False}
+
+
+class nnUNetTrainerMedslimDPRP(nnUNetTrainerMedslim):
+    """DPRP (Sharma et al. 2025) on the uncompressed pretrained model, thesis schedule:
+    trained SVD factors with orthogonality/sorting/compression losses, ranks cut every epoch,
+    written as TuckerConv layers + spec."""
+
+    medslim_fixed: ClassVar[dict] = {"dprp": True, "compress": False}
 
 
 def _grid_name(df: float, rho: float) -> str:
