@@ -406,12 +406,11 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
 
     def on_epoch_end(self):
         cfg = self.medslim_config
-        last = self.current_epoch == self.num_epochs - 1  # the end cuts anyway
+        last = self.current_epoch == self.num_epochs - 1  # the end cuts and thresholds anyway
         if cfg.dprp and not last and (self.current_epoch + 1) % cfg.dprp_cut_every == 0:
             self._medslim_dprp_cut("interval")
         if self._medslim_reg is not None:
             self._medslim_reg_losses.append(float(self.logger.get_value("val_losses", step=-1)))
-            last = self.current_epoch == self.num_epochs - 1  # the end of training thresholds anyway
             if not last and plateaued(self._medslim_reg_losses, self.medslim_config.reg_patience):
                 self._medslim_threshold("plateau")
                 self._medslim_reg_losses = []
