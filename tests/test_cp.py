@@ -1,6 +1,7 @@
 """NORTON (Pham et al. 2024): per-filter CP blocks (exact at full rank, ALS below), the spec's
 ``cp`` record and its rebuild, ``medslim compress --decomposition cp`` and the ``norton``
-criterion, on hand-made layers and the embedded reference nnU-Net."""
+criterion, on hand-made layers and the embedded reference nnU-Net (pruning CP blocks:
+``test_cp_prune.py``)."""
 from __future__ import annotations
 
 import json
@@ -198,8 +199,6 @@ def test_cli_norton_prune_end_to_end(reference_dir, tmp_path, hippo_patch):
 @pytest.mark.parametrize("args, match", [
     (["--decomposition", "cp", "--cp-rank", "0"], "--cp-rank must be an integer ≥ 1"),
     (["--decomposition", "tuker"], "did you mean 'tucker'"),
-    (["--decomposition", "cp", "--prune", "0.3"], "not supported"),
-    (["--decomposition", "cp", "--criterion", "relief", "--alpha", "0.9"], "--alpha 0.9 after --decomposition cp"),
     (["--criterion", "nortn"], "did you mean 'norton'"),
 ])
 def test_bad_options_exit_2(reference_dir, tmp_path, args, match):

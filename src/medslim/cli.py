@@ -33,7 +33,7 @@ def compress(
     prune: Optional[float] = typer.Option(None, "--prune", help="fraction ρ of channels removed (per layer, or of all candidates with --selection global), in [0, 1); default 0.5, 0 with --decomposition cp"),
     criterion: str = typer.Option("hvs", "--criterion", help="hvs | nisp | l1 | l2 | consumer_l1 | norton | random | hvs_data, taylor, relief (need --calibration)"),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="relief only, in (0, 1]: each layer keeps the fewest channels holding α of its relief score (instead of --prune)"),
-    decomposition: str = typer.Option("tucker", "--decomposition", help="tucker (Tucker-2, ranks from --rank-policy) | cp (NORTON per-filter CP at --cp-rank; no pruning after it yet)"),
+    decomposition: str = typer.Option("tucker", "--decomposition", help="tucker (Tucker-2, ranks from --rank-policy) | cp (NORTON per-filter CP at --cp-rank; --prune then removes filters of the CP blocks, e.g. with --criterion norton)"),
     cp_rank: int = typer.Option(3, "--cp-rank", help="rank-1 terms per filter for --decomposition cp and the norton criterion"),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="folder of nnU-Net images (<case>_0000.nii.gz) for data-aware criteria"),
     calibration_patches: int = typer.Option(8, "--calibration-patches", help="patches cut from --calibration (seeded by --seed)"),

@@ -24,12 +24,14 @@ from medslim.decompose.tucker import METHODS
 from medslim.errors import MedslimError, did_you_mean
 from medslim.prune import PRUNE_SITES, PruneRecord, check_selection, example_input, prunable_layers, prune_network
 from medslim.prune.sites import stem_output
-from medslim.score import ScoreContext, check_criterion, get_criterion
+from medslim.score import ScoreContext, check_criterion, get_criterion, list_criteria
 from medslim.score.relief import alpha_keep_counts, check_alpha
 from medslim.spec import CompressionSpec
 
 Progress = Callable[[str, str], None]  # (stage, layer name)
 DECOMPOSITIONS = ("tucker", "cp")
+#: criteria that cannot score ``CPDConv`` outputs, and why
+CP_UNSCORED = {"relief": "its connection scores need ungrouped convolutions"}
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,10 @@ class CompressionSettings:
     of all candidate channels together and removes ρ of them, at least one kept per group
     (``medslim.prune.select.global_keep_counts``: wide layers lose more).
     ``decomposition="cp"``: NORTON's per-filter CP at ``cp_rank`` instead of Tucker-2 (the
-    rank-policy knobs and ``method`` are then unused; the guard is ``params`` or None);
-    ``cp_rank`` is also the rank the ``norton`` criterion decomposes filters with."""
+    rank-policy knobs and ``method`` are then unused; the guard is ``params`` or None), then
+    filters of the CP blocks are pruned like convolutions (``norton`` compares the blocks' own
+    factors; ``relief`` cannot score them); ``cp_rank`` is also the rank the ``norton``
+    criterion decomposes dense filters with."""
 
     df: float = 0.3
     rank_policy: str = "df"
@@ -89,11 +93,6 @@ class CompressConfig(CompressionSettings):
             raise MedslimError(f"unknown --decomposition '{self.decomposition}'; choose one of "
                                f"{', '.join(DECOMPOSITIONS)}{did_you_mean(str(self.decomposition), DECOMPOSITIONS)}")
         check_cp_rank(self.cp_rank)
-        if self.decomposition == "cp" and (self.prune_ratio > 0 or self.alpha is not None):
-            amount = f"--prune {self.prune_ratio}" if self.alpha is None else f"--alpha {self.alpha}"
-            raise MedslimError(f"{amount} after --decomposition cp is not supported: Torch-Pruning "
-                               f"has no pruning function for CP blocks yet; use --prune 0 with cp, or prune with "
-                               f"--criterion norton after the default Tucker decomposition")
         if self.decomposition == "cp" and self.guard not in ("params", None):
             raise MedslimError(f"--guard {self.guard} does not apply to --decomposition cp; use params or none")
         if not 0.0 < self.df <= 1.0:
@@ -126,6 +125,13 @@ class CompressConfig(CompressionSettings):
             if self.selection != "layer":
                 raise MedslimError("--alpha sets each layer's count itself; it does not combine with --selection global")
             object.__setattr__(self, "prune_ratio", 0.0)  # the record says what ran: no fixed ratio
+        if self.decomposition == "cp" and self.prunes and self.prune_site == "rank":
+            raise MedslimError("--prune-site rank prunes Tucker ranks, which --decomposition cp does not have; "
+                               "use --prune-site outer")
+        if self.decomposition == "cp" and self.prunes and self.criterion in CP_UNSCORED:
+            raise MedslimError(f"--criterion {self.criterion} cannot score CP blocks ({CP_UNSCORED[self.criterion]}); "
+                               f"with --decomposition cp choose one of "
+                               f"{', '.join(c for c in list_criteria() if c not in CP_UNSCORED)}")
         self.rank_policy_fn()  # unknown policy → MedslimError now, not after minutes of work
         self.check_calibration(self.with_calibration)
         ScoreContext(engine=self.engine)

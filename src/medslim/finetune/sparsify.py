@@ -205,7 +205,7 @@ def group_slices(graph: Any, modules: dict[str, nn.Module], root: str) -> list[t
     out-channel members of its Torch-Pruning group (convs: weight rows — dim 1 for transposed
     convs — and bias; norms: γ, β)."""
     module = modules[root]
-    group = graph.get_pruning_group(module, out_channel_fn(module), idxs=[0])
+    group = graph.get_pruning_group(module, out_channel_fn(graph, module), idxs=[0])
     out: list[tuple[Tensor, int]] = []
     seen: set[int] = set()
     for dep, _ in group:

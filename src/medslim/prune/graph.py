@@ -10,6 +10,9 @@ on a returned *view* replaces that node (``CopySlices``), and the module drops o
 ResEnc's ``out += residual`` right after an InstanceNorm (whose output is a view) left the norm
 unpruned. So while tracing, a module output that is a view is returned as a copy. This covers
 every residual addition written in place, whatever the block class, without patching blocks.
+
+NORTON's CP blocks (``CPDConv``) are graph leaves with their own pruning function
+(``medslim.prune.cp_pruner``), registered through Torch-Pruning's ``customized_pruners``.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from medslim.errors import MedslimError
+from medslim.prune.cp_pruner import CUSTOM_PRUNERS, opaque_cp_blocks
 
 
 def disable_inplace(net: nn.Module) -> None:
@@ -78,7 +82,8 @@ def _view_outputs_copied(net: nn.Module) -> Iterator[None]:
 
 
 def build_graph(net: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
-    """Dependency graph of ``net`` (eval mode, in-place activations off)."""
+    """Dependency graph of ``net`` (eval mode, in-place activations off; ``CPDConv`` blocks are
+    leaves pruned by ``CPDConvPruner``)."""
     disable_inplace(net)
     was_training = net.training
     net.eval()
@@ -90,8 +95,9 @@ def build_graph(net: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
         decoder.deep_supervision = True
     try:
         # tracing needs autograd, also when nnU-Net builds the network under no_grad/inference_mode
-        with torch.inference_mode(False), torch.enable_grad(), _view_outputs_copied(net):
-            graph = tp.DependencyGraph().build_dependency(net, example_inputs=example.clone())
+        with torch.inference_mode(False), torch.enable_grad(), _view_outputs_copied(net), opaque_cp_blocks(net):
+            graph = tp.DependencyGraph().build_dependency(net, example_inputs=example.clone(),
+                                                          customized_pruners=CUSTOM_PRUNERS)
     finally:
         if deep_supervision is not None:
             decoder.deep_supervision = deep_supervision

@@ -29,14 +29,15 @@ class PruneRecord:
     channels: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-def out_channel_fn(module: nn.Module) -> Callable:
-    """Torch-Pruning's output-channel pruning function for ``module`` (Linear or convolution)."""
-    return tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
+def out_channel_fn(graph: tp.DependencyGraph, module: nn.Module) -> Callable:
+    """The output-channel pruning function ``graph`` uses for ``module`` (Linear, convolution,
+    or a layer with a customized pruner such as ``CPDConv``)."""
+    return graph.get_pruner_of_module(module).prune_out_channels
 
 
 def coupled_members(graph: tp.DependencyGraph, module: nn.Module, names: Mapping[nn.Module, str]) -> list[str]:
     """Names (from ``names``) of all modules whose output channels are coupled with ``module``'s."""
-    group = graph.get_pruning_group(module, out_channel_fn(module), idxs=[0])
+    group = graph.get_pruning_group(module, out_channel_fn(graph, module), idxs=[0])
     out = []
     for dep, _ in group:
         target = dep.target.module
@@ -100,7 +101,7 @@ def prune_network(net: nn.Module, layers: Sequence[str], scores: Mapping[str, to
         c = totals[name].numel()
         remove = sorted(set(range(c)) - set(keep.tolist()))
         if remove:
-            graph.get_pruning_group(modules[name], out_channel_fn(modules[name]), idxs=remove).prune()
+            graph.get_pruning_group(modules[name], out_channel_fn(graph, modules[name]), idxs=remove).prune()
         record.kept[name] = tuple(keep.tolist())
         record.members[name] = members
         record.channels[name] = (c, len(keep))
@@ -146,5 +147,5 @@ def apply_kept(net: nn.Module, kept: Mapping[str, Sequence[int]], example: torch
             raise MedslimError(f"compression spec keeps channel {max(keep)} of `{name}`, which has {c} outputs")
         remove = sorted(set(range(c)) - set(int(i) for i in keep))
         if remove:
-            graph.get_pruning_group(module, out_channel_fn(module), idxs=remove).prune()
+            graph.get_pruning_group(module, out_channel_fn(graph, module), idxs=remove).prune()
     return net

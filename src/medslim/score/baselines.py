@@ -9,18 +9,22 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
+from medslim.decompose.cp import CPDConv, cp_weight
 from medslim.errors import MedslimError
 from medslim.score.propagate import propagate
 from medslim.score.registry import ScoreContext, finish, register_criterion, resolve_layers
 
 
 def producer(name: str, module: nn.Module) -> nn.Module:
-    """The convolution/Linear computing ``module``'s output: itself, or for a container (e.g. a
-    ``TuckerConv``) its last such leaf (``restore``, else ``core``).
+    """The convolution/Linear computing ``module``'s output: itself (also a ``CPDConv``, whose
+    filters are its CP reconstruction), or for a container (e.g. a ``TuckerConv``) its last
+    such leaf (``restore``, else ``core``).
 
     Raises:
         MedslimError: the module contains no convolution or Linear.
     """
+    if isinstance(module, CPDConv):
+        return module
     found = [m for m in module.modules() if isinstance(m, (_ConvNd, nn.Linear))]
     if not found:
         raise MedslimError(f"'{name}' ({type(module).__name__}) is not a convolution or Linear")
@@ -29,7 +33,10 @@ def producer(name: str, module: nn.Module) -> nn.Module:
 
 def filters(m: nn.Module) -> Tensor:
     """Output filters as rows ``[C_out, -1]``: conv ``W[o, c, k…]``, Linear ``W[o, f]``;
-    transposed conv ``W[c, o/g, k…]`` (input channels first, per group)."""
+    transposed conv ``W[c, o/g, k…]`` (input channels first, per group); ``CPDConv``: the
+    reconstructed ``Ŵ[o, c, k…] = Σ_r c_{o,c,r} Π_d a_{d,o,k_d,r}``."""
+    if isinstance(m, CPDConv):
+        return cp_weight(*m.factors()).reshape(m.out_channels, -1)
     w = m.weight.detach()
     if isinstance(m, _ConvTransposeNd):  # [g, C/g, O/g, k] → [g, O/g, C/g, k]
         w = w.reshape(m.groups, w.shape[0] // m.groups, w.shape[1], -1).transpose(1, 2)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from medslim.decompose.cp import CPDConv
 from medslim.errors import MedslimError
 from medslim.score.propagate import propagate
 from medslim.score.registry import ScoreContext, finish, register_criterion
@@ -48,13 +49,13 @@ def hvs_data(model: nn.Module, layers: Sequence[str], ctx: ScoreContext) -> dict
 
 
 def input_magnitudes(model: nn.Module, batch: Tensor) -> dict[str, Tensor]:
-    """``{name: E|h_c|}`` (``[C_in]``) at the input of every convolution and Linear, over ``batch``
+    """``{name: E|h_c|}`` (``[C_in]``) at the input of every convolution, CP block and Linear, over ``batch``
     (eval mode, on a copy so that BatchNorm statistics stay untouched)."""
     net = copy.deepcopy(model).eval()
     sums: dict[str, Tensor] = {}
     handles = []
     for name, m in net.named_modules():
-        if isinstance(m, (_ConvNd, nn.Linear)):
+        if isinstance(m, (_ConvNd, CPDConv, nn.Linear)):
             dim = -1 if isinstance(m, nn.Linear) else 1
 
             def hook(mod, args, name=name, dim=dim):

@@ -22,6 +22,12 @@ depends on shapes.
 ``channel`` engine: convolutions become 1-voxel channel maps ``P̄[o, c] = Σ_a |W[o, c, a]|``
 (transposed convolutions likewise from ``W[c, o, a]``); fixed-size pooling and upsampling
 become identities, so a ``(1, C, 1, …, 1)`` input stays 1 voxel everywhere.
+
+A CP block (``CPDConv``) is linearised as one convolution with the non-negative weight
+``W⁺[o, c, k…] = Σ_r |c_{o,c,r}| Π_d |a_{d,o,k_d,r}|`` (so ``P̄[o, c] = Σ_r |c_{o,c,r}| Π_d Σ_k
+|a_{d,o,k,r}|``): every path through its projection, axis convs and rank sum, weighted as HVS
+weights a dense conv's taps. Linearising its parts one by one would normalise each rank-1 term
+on its own and copy the block's score to all ``R`` terms.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.dropout import _DropoutNd
 
+from medslim.decompose.cp import CPDConv, cp_weight
 from medslim.errors import MedslimError
 from medslim.score.residual import ResidualAdditions
 
@@ -182,10 +189,25 @@ def _conv_replacement(m: _ConvNd, engine: Engine, rule: Rule, dtype: torch.dtype
     return _FnOp(lambda x: m._conv_forward(x, w, None), rule, weighted=True)
 
 
+def cp_dense(block: CPDConv) -> _ConvNd:
+    """A dense convolution with ``block``'s geometry and weight ``W⁺`` ``[C_out, C_in, k…]``
+    (module docstring), on ``block``'s device; for linearising only."""
+    channel, spatial = block.factors()
+    w = cp_weight(channel.abs(), tuple(a.abs() for a in spatial))
+    conv = type(block.project)(block.in_channels, block.out_channels, block.kernel_size, stride=block.stride,
+                               padding=block.padding, dilation=block.dilation, bias=False,
+                               padding_mode=block.axes[0].padding_mode, device="meta")
+    conv.weight = nn.Parameter(w, requires_grad=False)
+    return conv
+
+
 def _replacement(name: str, m: nn.Module, engine: Engine, rule: Rule, dtype: torch.dtype,
                  scale: Tensor | None, matrix: Tensor | None = None) -> nn.Module | None:
-    """The stand-in for leaf module ``m``, or ``None`` to keep it (shape-only modules)."""
+    """The stand-in for leaf module ``m`` (or a ``CPDConv``), or ``None`` to keep it
+    (shape-only modules)."""
     kind = type(m).__name__
+    if isinstance(m, CPDConv):
+        return Linearised(_conv_replacement(cp_dense(m), engine, rule, dtype, scale, matrix), kind)
     if isinstance(m, _ConvNd):
         return Linearised(_conv_replacement(m, engine, rule, dtype, scale, matrix), kind)
     if isinstance(m, nn.Linear):
@@ -243,8 +265,9 @@ def linearise(model: nn.Module, engine: Engine, rule: Rule, dtype: torch.dtype,
         return _replacement("", net, engine, rule, dtype, (input_scale or {}).get(""),
                             (matrices or {}).get("")) or net
     new: dict[int, nn.Module] = {}
+    inside_cp = {id(c) for m in net.modules() if isinstance(m, CPDConv) for c in m.modules() if c is not m}
     for name, m in net.named_modules():
-        if next(m.children(), None) is None:
+        if isinstance(m, CPDConv) or (next(m.children(), None) is None and id(m) not in inside_cp):
             r = _replacement(name, m, engine, rule, dtype, (input_scale or {}).get(name), (matrices or {}).get(name))
             if r is not None:
                 new[id(m)] = r
