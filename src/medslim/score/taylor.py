@@ -32,6 +32,7 @@ def taylor(model: nn.Module, layers: Sequence[str], ctx: ScoreContext) -> dict[s
     against ``ctx.calibration_target`` ``[B, *spatial]``, or, when that is ``None``, against the
     model's own argmax on each patch (pseudo-labels: the score then measures how far removing
     a channel moves the model from its own segmentation, which compression should preserve).
+    A classifier's logits ``[B, K]`` take one label per image: target ``[B]``.
     Patches run one at a time (one patch's activations and gradients in memory) on a deep copy
     in eval mode with frozen weights: no gradient reaches ``model``.
 
@@ -42,9 +43,10 @@ def taylor(model: nn.Module, layers: Sequence[str], ctx: ScoreContext) -> dict[s
     batch, target = ctx.calibration, ctx.calibration_target
     if batch is None:
         raise MedslimError("taylor needs calibration patches (ScoreContext.calibration)")
-    if target is not None and (target.shape[0] != batch.shape[0] or tuple(target.shape[1:]) != tuple(batch.shape[2:])):
-        raise MedslimError(f"calibration_target must be [B, *spatial] = {[batch.shape[0], *batch.shape[2:]]} "
-                           f"(integer labels of the calibration patches), got {list(target.shape)}")
+    shapes = ([batch.shape[0], *batch.shape[2:]], [batch.shape[0]])  # segmentation, classification
+    if target is not None and list(target.shape) not in shapes:
+        raise MedslimError(f"calibration_target must be [B, *spatial] = {shapes[0]} (integer labels of the calibration "
+                           f"patches) or, for a classifier, [B] = {shapes[1]}, got {list(target.shape)}")
     net = copy.deepcopy(model).eval().requires_grad_(False)
     producers = {name: producer(name, m) for name, m in resolve_layers(net, layers).items()}
     taps = {name: tap_module(net, p) for name, p in producers.items()}
@@ -62,6 +64,9 @@ def taylor(model: nn.Module, layers: Sequence[str], ctx: ScoreContext) -> dict[s
             out = net(x)
             out = out[0] if isinstance(out, (list, tuple)) else out
             y = out.detach().argmax(1) if target is None else target[i:i + 1].to(device).long()
+            if y.shape != out.shape[:1] + out.shape[2:]:
+                raise MedslimError(f"calibration_target {list(target.shape)} does not fit the model's output "
+                                   f"{list(out.shape)} (one label per output position: [B, *output spatial])")
             loss = F.cross_entropy(out, y)
             hs = {}
             for name, tap in taps.items():
