@@ -7,9 +7,10 @@ plain ``nn.Sequential`` CNNs.
 
 - Candidates (:func:`classifier_layers`): every convolution except the stem (the first
   convolution, which reads the image) and the head; optionally hidden Linear layers.
-- Scores: any registered criterion (``hvs``, ``nisp``, ``l1``, ``random``, …). HVS/NISP use the
-  exact ``spatial`` engine on ``input_shape`` and average neuron scores per channel
-  (thesis §4.5.3.2), L2-normalised per layer.
+- Scores: any registered criterion (``hvs``, ``nisp``, ``l1``, ``norton``, ``random``, …). HVS/NISP
+  use the exact ``spatial`` engine on ``input_shape`` and average neuron scores per channel
+  (thesis §4.5.3.2), L2-normalised per layer. Data-aware criteria (``hvs_data``, ``relief``,
+  ``taylor``) score with a calibration batch (``taylor``: with its labels, one per image).
 - Coupled layers (residual additions) form one group scored by the sum of its members; a group
   coupled to the stem is left whole (``prune_network``'s ``protect``).
 - ``scope="layer"``: each group keeps ``ceil((1-ρ)·C)``. ``scope="global"``: group scores are
@@ -34,7 +35,7 @@ from medslim.measure import count_flops, count_parameters
 from medslim.prune.graph import build_graph
 from medslim.prune.pruner import channel_groups, prune_network
 from medslim.prune.select import SELECTIONS, global_keep_counts, top_k
-from medslim.score import ScoreContext, find_head, get_criterion
+from medslim.score import ScoreContext, check_criterion, find_head, get_criterion
 
 SCOPES = SELECTIONS  # "layer" | "global"
 _PROPAGATED = ("hvs", "nisp", "consumer_l1")
@@ -115,12 +116,15 @@ class ClassifierPruneReport:
 
 
 def score_layers(model: nn.Module, layers: Sequence[str], criterion: str, input_shape: Sequence[int],
-                 seed: int = 0, calibration: Tensor | None = None) -> dict[str, Tensor]:
+                 seed: int = 0, calibration: Tensor | None = None,
+                 calibration_target: Tensor | None = None) -> dict[str, Tensor]:
     """``{layer: [C_out]}`` L2-normalised scores; propagation criteria use the spatial engine with
-    per-channel mean (``hvs_data`` needs ``calibration`` and uses the channel engine)."""
+    per-channel mean (``hvs_data`` uses the channel engine). Data-aware criteria read
+    ``calibration`` ``[B, C, H, W]``; ``taylor`` its labels ``calibration_target`` ``[B]``
+    (``None``: the model's own argmax)."""
     engine = "channel" if criterion == "hvs_data" else "spatial"
     ctx = ScoreContext(input_shape=tuple(input_shape), engine=engine, reduce="mean", seed=seed,
-                       calibration=calibration)
+                       calibration=calibration, calibration_target=calibration_target)
     return get_criterion(criterion)(model, list(layers), ctx)
 
 
@@ -153,7 +157,7 @@ def densities(before: nn.Module, after: nn.Module, candidates: Sequence[str]) ->
 def prune_classifier(model: nn.Module, ratio: float, criterion: str = "hvs",
                      input_shape: Sequence[int] = (1, 3, 28, 28), scope: str = "layer", seed: int = 0, *,
                      include_linear: bool = False, calibration: Tensor | None = None,
-                     ) -> tuple[nn.Module, ClassifierPruneReport]:
+                     calibration_target: Tensor | None = None) -> tuple[nn.Module, ClassifierPruneReport]:
     """Remove a fraction ``ratio`` of the candidate channels of a classifier.
 
     Args:
@@ -164,18 +168,22 @@ def prune_classifier(model: nn.Module, ratio: float, criterion: str = "hvs",
         scope: ``"layer"`` or ``"global"``.
         seed: seed of the ``random`` criterion.
         include_linear: also prune hidden Linear layers (e.g. VGG's classifier).
-        calibration: input batch for ``hvs_data``.
+        calibration: input batch ``[B, C, H, W]`` for the data-aware criteria (``hvs_data``,
+            ``relief``, ``taylor``).
+        calibration_target: class labels ``[B]`` of ``calibration`` (``taylor``'s loss).
     Returns:
         the pruned copy (same output shape) and its report.
     Raises:
-        MedslimError: bad ratio/scope/criterion, or no prunable layer.
+        MedslimError: bad ratio/scope/criterion, a data-aware criterion without ``calibration``,
+            or no prunable layer.
     """
     if not 0.0 <= ratio < 1.0:
         raise MedslimError(f"pruning ratio must be in [0, 1), got {ratio}")
     if scope not in SCOPES:
         raise MedslimError(f"unknown scope '{scope}' (expected one of {', '.join(SCOPES)})"
                            f"{did_you_mean(scope, SCOPES)}")
-    get_criterion(criterion)  # fail before any work
+    check_criterion(criterion, calibration=calibration is not None, option="criterion",
+                    hint="and no calibration batch was given")  # fail before any work
     input_shape = tuple(int(s) for s in input_shape)
     times: dict[str, float] = {}
     stem = stem_name(model)
@@ -186,7 +194,7 @@ def prune_classifier(model: nn.Module, ratio: float, criterion: str = "hvs",
     param = next(model.parameters())
     example = torch.zeros(input_shape, dtype=param.dtype, device=param.device)
     t = time.perf_counter()
-    scores = score_layers(model, layers, criterion, input_shape, seed, calibration)
+    scores = score_layers(model, layers, criterion, input_shape, seed, calibration, calibration_target)
     times["score"] = time.perf_counter() - t
     t = time.perf_counter()
     pruned, record = prune_network(model, layers, scores, ratio, example, protect=[stem], selection=scope)
