@@ -6,10 +6,16 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from medslim.classify.prune2d import CALIBRATION_IMAGES  # no torch at import time
 from medslim.cli_common import console, out_console
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+# Spelled out, not built from medslim.score.list_criteria(): that import (torch) would add ~2 s to
+# `medslim --help`; tests/test_prune2d_data.py checks that this lists every registered criterion.
+CRITERION_HELP = ("hvs | nisp | l1 | l2 | consumer_l1 | norton | random; data-aware, scored on --calibration-images "
+                  "training images: hvs_data | relief | taylor")
 
 
 def print_results(result: dict, out: Console) -> None:
@@ -34,23 +40,25 @@ def print_results(result: dict, out: Console) -> None:
 
 def prune2d(
     model: str = typer.Argument(..., help="classifier checkpoint (medslim save_classifier .pt) or a torchvision name (random init)"),
-    data: Path = typer.Option(..., "--data", help="MedMNIST .npz file (test split evaluated, train split fine-tunes)"),
+    data: Path = typer.Option(..., "--data", help="MedMNIST .npz file (test split evaluated, train split fine-tunes and calibrates)"),
     output: Path = typer.Option(..., "-o", "--output", help="new output folder"),
     ratio: list[float] = typer.Option([0.3], "--ratio", help="fraction of channels removed, in [0, 1); repeat for several"),
-    criterion: str = typer.Option("hvs", "--criterion", help="hvs | nisp | l1 | l2 | consumer_l1 | random"),
+    criterion: str = typer.Option("hvs", "--criterion", help=CRITERION_HELP),
     scope: str = typer.Option("layer", "--scope", help="layer (ρ per layer) | global (ρ of all candidate channels)"),
     finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="AdamW lr 1e-4 batch 32 epochs after pruning"),
-    seed: int = typer.Option(0, "--seed", help="seed of the random criterion and the fine-tune"),
+    seed: int = typer.Option(0, "--seed", help="seed of the random criterion, the calibration draw and the fine-tune"),
+    calibration_images: int = typer.Option(CALIBRATION_IMAGES, "--calibration-images", help="training images the data-aware criteria score with (drawn with --seed)"),
     size: int = typer.Option(28, "--size", help="input side length (vgg16 needs ≥ 32)"),
     prune_linear: bool = typer.Option(False, "--prune-linear", help="also prune hidden Linear layers (VGG classifier)"),
     control: bool = typer.Option(True, "--control/--no-control", help="also fine-tune the unpruned model (the control)"),
     max_train: Optional[int] = typer.Option(None, "--max-train", help="fine-tune on a seeded subset of this many images"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
 ) -> None:
-    """Prune a 2D classifier with HVS (or a baseline), fine-tune, and report accuracy, params and FLOPs."""
+    """Prune a 2D classifier with HVS (or another criterion), fine-tune, and report accuracy, params and FLOPs."""
     from medslim.classify.prune2d import run_prune2d
 
     result = run_prune2d(model, data, output, ratio, criterion, scope, finetune_epochs, seed, size,
-                         prune_linear, control, max_train, overwrite, console=console)
+                         prune_linear, control, max_train, overwrite, console=console,
+                         calibration_images=calibration_images)
     print_results(result, out_console)
     out_console.print(f"wrote {output}")

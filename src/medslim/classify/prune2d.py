@@ -4,6 +4,7 @@ the library behind ``medslim prune2d``.
 The output folder (written atomically: it appears complete or not at all)::
 
     results.json, results.csv        accuracy before/after, Δ vs unpruned and vs control, params, FLOPs
+                                     (results.json also: the calibration images' training-split indices)
     ratio_<r>/pruned_spec.json       base architecture + kept channels (CompressionSpec)
     ratio_<r>/model.pt               state_dict of the pruned (fine-tuned) model
     accuracy_vs_ratio.png, density.png, input_map.png
@@ -15,15 +16,22 @@ from __future__ import annotations
 import copy
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from medslim.errors import MedslimError, did_you_mean
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from medslim.classify.data import MedMNIST
+
 FT_LR, FT_BATCH = 1e-4, 32  # SPEC §6 / thesis §4.5.2: AdamW, lr 1e-4, batch 32
+CALIBRATION_IMAGES = 64  # default --calibration-images: 28-px images are cheap to score
 
 
 def _ratio_dir(r: float) -> str:
@@ -38,15 +46,55 @@ def finetune_config(epochs: int, seed: int, lr: float = FT_LR, batch_size: int =
                        milestones=(), seed=seed)
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """Images a data-aware criterion scores with: ``images`` ``[N, C, size, size]`` (as the model
+    reads them), their ``labels`` ``[N]``, and their ``indices`` in the training split."""
+
+    images: "Tensor"
+    labels: "Tensor"
+    indices: tuple[int, ...]
+
+
+def check_calibration_images(n: int) -> None:
+    """Raise a user error unless ``n`` (``--calibration-images``) is an integer ≥ 1."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise MedslimError(f"--calibration-images must be an integer ≥ 1, got {n!r}")
+
+
+def draw_calibration(train: "MedMNIST", n: int, seed: int = 0) -> Calibration:
+    """``n`` images drawn without replacement (seeded, sorted indices) from ``train``, the
+    training split: never the test split the accuracy is measured on.
+
+    Raises:
+        MedslimError: ``n`` < 1 or more than the split holds.
+    """
+    import numpy as np
+    import torch
+
+    check_calibration_images(n)
+    if n > len(train):
+        raise MedslimError(f"--calibration-images {n} exceeds the {len(train)} images of {train.name}; "
+                           f"use at most {len(train)}")
+    idx = sorted(int(i) for i in np.random.default_rng(seed).choice(len(train), n, replace=False))
+    return Calibration(torch.stack([train[i][0] for i in idx]), train.labels[idx].clone(), tuple(idx))
+
+
 def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], criterion: str = "hvs",
                 scope: str = "layer", finetune_epochs: int = 0, seed: int = 0, size: int = 28,
                 include_linear: bool = False, control: bool = True, max_train: int | None = None,
-                overwrite: bool = False, console: Console | None = None) -> dict[str, Any]:
+                overwrite: bool = False, console: Console | None = None,
+                calibration_images: int = CALIBRATION_IMAGES) -> dict[str, Any]:
     """Prune ``source`` at each ratio, optionally fine-tune, evaluate on the test split, write ``output``.
 
+    Data-aware criteria (``hvs_data``, ``relief``, ``taylor``) score with ``calibration_images``
+    images of the training split (seeded by ``seed``; ``taylor`` with their labels); the others
+    ignore it.
+
     Raises:
-        MedslimError: bad options, unreadable data/model, a model without prunable layers, or an
-            existing non-empty output folder (checked before any work).
+        MedslimError: bad options, unreadable data/model, a model without prunable layers, more
+            calibration images than training images, or an existing non-empty output folder
+            (checked before any work).
     """
     from medslim.atomic import atomic_folder, check_output_folder
     from medslim.classify import build_classifier, evaluate, fit, load_checkpoint, load_medmnist
@@ -54,13 +102,15 @@ def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], 
     from medslim.measure import count_flops, count_parameters
     from medslim.prune.classifier import SCOPES, classifier_layers, prune_classifier
     from medslim.prune.classifier_io import save_pruned_classifier
-    from medslim.score import check_criterion
+    from medslim.score import NEEDS_CALIBRATION, check_criterion
     from medslim.score.input_map import hvs_input_map
 
     ratios = sorted(set(float(r) for r in ratios))
     if not ratios or any(not 0.0 <= r < 1.0 for r in ratios):
         raise MedslimError(f"pruning ratios must be in [0, 1), got {', '.join(str(r) for r in ratios) or 'none'}")
-    check_criterion(criterion, calibration=False)  # prune_classifier gets no calibration batch
+    check_calibration_images(calibration_images)
+    check_criterion(criterion, calibration=True)  # data-aware criteria: images from the training split
+    needs_data = criterion in NEEDS_CALIBRATION
     if scope not in SCOPES:
         raise MedslimError(f"unknown scope '{scope}' (expected one of {', '.join(SCOPES)}){did_you_mean(scope, SCOPES)}")
     if finetune_epochs < 0:
@@ -71,7 +121,10 @@ def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], 
     in_channels = ckpt["in_channels"] if ckpt else 3
     arch = ckpt["arch"] if ckpt else source
     test = load_medmnist(data, "test", size=size, channels=in_channels)
-    train = load_medmnist(data, "train", size=size, channels=in_channels) if finetune_epochs else None
+    full_train = (load_medmnist(data, "train", size=size, channels=in_channels)
+                  if finetune_epochs or needs_data else None)
+    calib = draw_calibration(full_train, calibration_images, seed) if needs_data else None
+    train = full_train if finetune_epochs else None
     if train is not None and max_train is not None and max_train < len(train):
         train = train.subset(max_train, seed=seed)
     model = build_classifier(ckpt or source, test.num_classes, in_channels).eval()
@@ -88,6 +141,7 @@ def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], 
         "model": str(source), "arch": arch, "data": str(data), "criterion": criterion, "scope": scope, "seed": seed,
         "input_shape": list(input_shape), "include_linear": include_linear, "n_test": len(test),
         "finetune": {**cfg.to_dict(), "n_train": len(train) if train is not None else 0},
+        "calibration": {"split": "train", "n": len(calib.indices), "indices": list(calib.indices)} if calib else None,
         "original": {"accuracy": evaluate(model, test)["accuracy"], "params": count_parameters(model),
                      "flops": count_flops(model, input_shape)},
         "control": None, "runs": []}
@@ -107,7 +161,9 @@ def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], 
         maps = {"unpruned": hvs_input_map(model, input_shape)}
         for r in ratios:
             bar.update(task, description=f"ratio {r:.2f}: {criterion} pruning")
-            pruned, report = prune_classifier(model, r, criterion, input_shape, scope, seed, include_linear=include_linear)
+            pruned, report = prune_classifier(model, r, criterion, input_shape, scope, seed, include_linear=include_linear,
+                                              calibration=calib.images if calib else None,
+                                              calibration_target=calib.labels if calib else None)
             bar.advance(task)
             run = {"ratio": r, "accuracy_pruned": evaluate(pruned, test)["accuracy"], "accuracy_finetuned": None,
                    **{k: v for k, v in report.to_dict().items() if k not in ("ratio", "criterion", "scope", "seed",
@@ -125,7 +181,8 @@ def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], 
             save_pruned_classifier(pruned.eval(), sub, arch=arch, num_classes=test.num_classes, in_channels=in_channels,
                                    input_shape=input_shape, kept=report.kept,
                                    provenance={"criterion": criterion, "scope": scope, "ratio": r, "seed": seed,
-                                               "finetune_epochs": finetune_epochs})
+                                               "finetune_epochs": finetune_epochs,
+                                               **({"calibration_images": len(calib.indices)} if calib else {})})
             if r == ratios[-1]:
                 maps[f"pruned r={r:.2f}"] = hvs_input_map(pruned, input_shape)
         _write(tmp, result, maps, test[0][0])
