@@ -124,6 +124,9 @@ def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], 
     full_train = (load_medmnist(data, "train", size=size, channels=in_channels)
                   if finetune_epochs or needs_data else None)
     calib = draw_calibration(full_train, calibration_images, seed) if needs_data else None
+    if calib and console:
+        console.print(f"{criterion}: scoring with {len(calib.indices)} training images of {full_train.name} "
+                      f"(seed {seed})", highlight=False)
     train = full_train if finetune_epochs else None
     if train is not None and max_train is not None and max_train < len(train):
         train = train.subset(max_train, seed=seed)
