@@ -104,19 +104,12 @@ class FinetuneConfig(CompressionSettings):
     configuration: str | None = None
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise MedslimError(f"unknown schedule '{self.schedule}'; choose one of {', '.join(SCHEDULES)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise MedslimError(f"unknown optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise MedslimError(f"unknown lr_schedule '{self.lr_schedule}'; choose one of {', '.join(LR_SCHEDULES)}")
-        if self.init not in INITS:
-            raise MedslimError(f"unknown init '{self.init}'; choose one of {', '.join(INITS)}")
-        if self.kd_levels not in KD_LEVELS:
-            raise MedslimError(f"unknown kd_levels '{self.kd_levels}'; choose one of {', '.join(KD_LEVELS)}")
-        if self.regularizer not in REGULARIZERS:
-            raise MedslimError(f"unknown regularizer '{self.regularizer}'{did_you_mean(self.regularizer, REGULARIZERS)}; "
-                               f"choose one of {', '.join(REGULARIZERS)}")
+        for key, choices in (("schedule", SCHEDULES), ("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES),
+                             ("init", INITS), ("kd_levels", KD_LEVELS), ("regularizer", REGULARIZERS)):
+            value = getattr(self, key)
+            if value not in choices:
+                raise MedslimError(f"unknown {key} '{value}'{did_you_mean(str(value), list(choices))}; "
+                                   f"choose one of {', '.join(choices)}")
         if not 0.0 < self.reg_lambda < 1.0:
             raise MedslimError(f"reg_lambda must be in (0, 1), got {self.reg_lambda}")
         if self.reg_tolerance < 0:
