@@ -60,14 +60,23 @@ def test_threshold_search_stops_at_the_tolerance():
         calls.append(t)
         return -1.0 + 0.01 * int((scores < t).sum())
 
-    r = threshold_search(float(scores.max()), loss_at, tolerance=0.035, steps=12)
+    r = threshold_search(scores, loss_at, tolerance=0.035)
     assert r.base_loss == -1.0 and r.budget == pytest.approx(-0.965)
     assert int((scores < r.threshold).sum()) == 3  # a 4th would cost 0.04 > 0.035
     assert r.loss <= r.budget and loss_at(0.41) > r.budget
-    assert r.evaluations == 13 == len(calls) - 1
-    assert threshold_search(1.0, lambda t: 0.0 if t == 0 else 1.0, 0.0).threshold == 0.0
+    assert r.evaluations == 4 == len(calls) - 1  # L̂, then bisection over 10 sorted values: 3 steps
+    assert threshold_search(scores, lambda t: 0.0 if t == 0 else 1.0, 0.0).threshold == 0.0
     with pytest.raises(MedslimError, match="tolerance must be >= 0"):
-        threshold_search(1.0, loss_at, -0.1)
+        threshold_search(scores, loss_at, -0.1)
+
+
+def test_threshold_search_resolves_clustered_scores():
+    # 800 scores within 1e-4 of 0.8145 (four uniform shrinkage steps): a bisection of [0, max]
+    # at max/1024 cannot tell them apart; on ranks it zeroes exactly what the budget allows.
+    scores = 0.8145 + 1e-4 * torch.rand(800, generator=torch.Generator().manual_seed(0))
+    r = threshold_search(scores, lambda t: -1.0 + 0.001 * int((scores < t).sum()), tolerance=0.1)
+    assert int((scores < r.threshold).sum()) == 100
+    assert r.evaluations <= 1 + math.ceil(math.log2(800))
 
 
 def test_plateau():

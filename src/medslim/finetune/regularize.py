@@ -17,7 +17,8 @@ Readings of the source text:
   one backward pass per voxel; summing first is its lower bound, as (2.5) is for classes),
   and ``S_c`` = the mean of ``(1/K)·Σ_k |∂y_k/∂p_c(x)|`` over the positions ``x`` and patches.
   The update (2.8) shrinks every parameter of an insensitive channel by ``λθ·max(0, 1 − S)``.
-- Thresholding (§2.2.2.1, Fig. 2.3): bisection on the threshold ``T`` so that the validation
+- Thresholding (§2.2.2.1, Fig. 2.3): bisection on the threshold ``T`` (over the sorted
+  scores, our choice: the text does not say how ``T`` is searched) so that the validation
   loss worsens by at most the relative tolerance TWT: ``L(T) ≤ L̂ + TWT·|L̂|`` (``|L̂|``
   because nnU-Net's DC+CE loss is negative), assuming ``L`` is monotone in ``T``.
 """
@@ -124,30 +125,38 @@ class ThresholdResult:
     evaluations: int
 
 
-def threshold_search(max_score: float, loss_at: Callable[[float], float], tolerance: float,
-                     steps: int = 10) -> ThresholdResult:
-    """The largest threshold ``T ∈ [0, max_score]`` (to a resolution of ``max_score / 2^steps``)
-    whose validation loss stays within ``L(T) ≤ L̂ + tolerance·|L̂|``, ``L̂ = L(0)``, by bisection.
+def threshold_search(scores: Tensor, loss_at: Callable[[float], float], tolerance: float) -> ThresholdResult:
+    """The largest threshold ``T`` among ``scores``' distinct values whose validation loss stays
+    within ``L(T) ≤ L̂ + tolerance·|L̂|``, ``L̂ = L(0)``, by bisection on the sorted values.
+
+    Bisecting on ranks, not on ``[0, max]`` at a fixed resolution, matters: after a few uniform
+    shrinkage steps the scores cluster within far less than any fixed resolution, and a
+    continuous bisection then jumps from zeroing nothing to zeroing almost everything.
 
     Args:
-        max_score: the largest score; ``T = max_score`` is taken to be over budget (never tried).
+        scores: every candidate score, any shape; ``T = max`` (all but the largest zeroed) is
+            taken to be over budget and never tried.
         loss_at: validation loss with every score ``< T`` zeroed (the caller restores the weights).
         tolerance: TWT ``≥ 0``.
-        steps: bisection steps (one loss evaluation each, plus one for ``L̂``).
+    Returns:
+        ``threshold`` 0.0 when nothing fits the budget; ``evaluations`` ≈ ``1 + log2(#distinct)``.
     """
     if tolerance < 0:
         raise MedslimError(f"the threshold tolerance must be >= 0, got {tolerance}")
+    values = torch.unique(scores.detach().flatten().double().cpu())  # sorted ascending
     base = float(loss_at(0.0))
     budget = base + tolerance * abs(base)
-    lo, hi, loss_lo = 0.0, float(max_score), base
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        loss = float(loss_at(mid))
+    lo, hi, loss_lo, evaluations = 0, values.numel() - 1, base, 1  # values[lo] fits; values[hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        loss = float(loss_at(float(values[mid])))
+        evaluations += 1
         if loss <= budget:
             lo, loss_lo = mid, loss
         else:
             hi = mid
-    return ThresholdResult(threshold=lo, loss=loss_lo, base_loss=base, budget=budget, evaluations=steps + 1)
+    threshold = float(values[lo]) if lo > 0 else 0.0
+    return ThresholdResult(threshold=threshold, loss=loss_lo, base_loss=base, budget=budget, evaluations=evaluations)
 
 
 def plateaued(losses: Sequence[float], patience: int, min_delta: float = 1e-3) -> bool:

@@ -57,7 +57,7 @@ class LobsterRegularizer:
             self.weights[name].mul_(mask)
 
     @torch.no_grad()
-    def threshold(self, loss: LossFn, tolerance: float, steps: int = 10) -> ThresholdResult:
+    def threshold(self, loss: LossFn, tolerance: float) -> ThresholdResult:
         """Zero and pin every weight with ``|θ| < T``, ``T`` from ``threshold_search``."""
         saved = {n: w.detach().clone() for n, w in self.weights.items()}
 
@@ -66,8 +66,7 @@ class LobsterRegularizer:
                 w.copy_(saved[n] * (saved[n].abs() >= t))
             return loss()
 
-        top = max(float(w.abs().max()) for w in saved.values())
-        result = threshold_search(top, loss_at, tolerance, steps)
+        result = threshold_search(torch.cat([w.abs().flatten() for w in saved.values()]), loss_at, tolerance)
         for n, w in self.weights.items():
             keep = (saved[n].abs() >= result.threshold) & (saved[n] != 0)
             self.masks[n] = keep.to(w.dtype)
@@ -144,7 +143,7 @@ class SereneRegularizer:
         return {r: self.channel_norms(r) / self.start[r].clamp_min(1e-12) * self.alive[r] for r in self.groups}
 
     @torch.no_grad()
-    def threshold(self, loss: LossFn, tolerance: float, steps: int = 10) -> ThresholdResult:
+    def threshold(self, loss: LossFn, tolerance: float) -> ThresholdResult:
         """Zero and pin every channel whose relative norm is below ``T`` (``threshold_search``),
         keeping at least one channel per group."""
         saved = {r: [p.detach().clone() for p, _ in self.slices[r]] for r in self.groups}
@@ -169,8 +168,7 @@ class SereneRegularizer:
             apply(alive_at(t))
             return loss()
 
-        top = max(float(s.max()) for s in scores.values())
-        result = threshold_search(top, loss_at, tolerance, steps)
+        result = threshold_search(torch.cat([s[self.alive[r]] for r, s in scores.items()]), loss_at, tolerance)
         self.alive = alive_at(result.threshold)
         apply(self.alive)
         self.history.append({"threshold": result.threshold, "val_loss_before": result.base_loss,
