@@ -8,6 +8,7 @@ from torch import nn
 from medslim.compress import Compressed
 from medslim.decompose.cp import CPDConv
 from medslim.measure import count_flops, count_parameters
+from medslim.families import head_names
 from medslim.prune.sites import conv_units, is_head
 
 
@@ -17,8 +18,9 @@ def layer_table(original: nn.Module, compressed: Compressed) -> list[dict[str, A
     after = dict(compressed.network.named_modules())
     drec = compressed.decomposition.layers if compressed.decomposition else {}
     rows = []
+    heads = head_names(original)
     for name, conv in conv_units(original).items():
-        if is_head(name):
+        if is_head(name, heads):
             continue
         new = after[name]
         rec = drec.get(name)

@@ -22,6 +22,7 @@ from medslim.decompose.latency import LayerTimer, conv_input_shapes, format_seco
 from medslim.decompose.ranks import LayerSite, check_rank_multiple, finalize_ranks, is_network_policy
 from medslim.decompose.tucker import METHODS, TuckerConv
 from medslim.errors import MedslimError, did_you_mean
+from medslim.families import head_names, under
 from medslim.spec import LayerRanks
 
 GUARDS = ("params", "params+flops", "latency", None)
@@ -91,7 +92,7 @@ class DecompositionRecord:
 def eligible_convs(net: nn.Module, *, include_stem: bool = True,
                    include_1x1: bool = False) -> dict[str, nn.Module]:
     """Convolutions to decompose, in registration order: every ``ConvNd``/``ConvTransposeNd``
-    except segmentation heads (``….seg_layers.…``), grouped convs, and (by default) 1×…×1
+    except the heads (``medslim.families``), grouped convs, and (by default) 1×…×1
     convs such as ResEnc skip projections. The stem is the first conv in registration order
     (it reads the network input); ``decompose_network`` decomposes only its output mode.
 
@@ -101,11 +102,12 @@ def eligible_convs(net: nn.Module, *, include_stem: bool = True,
             convolution where nnU-Net puts one (``ConvDropoutNormReLU.conv``).
     """
     convs = _all_convs(net)
+    heads = head_names(net)
     out: dict[str, nn.Module] = {}
     for i, (name, conv) in enumerate(convs.items()):
         if i == 0 and not include_stem:
             continue
-        if "seg_layers" in name.split(".") or conv.groups != 1:
+        if under(name, heads) or conv.groups != 1:
             continue
         if not include_1x1 and all(k == 1 for k in conv.kernel_size):
             continue

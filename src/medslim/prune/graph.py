@@ -1,4 +1,4 @@
-"""Torch-Pruning dependency graph on nnU-Net networks.
+"""Torch-Pruning dependency graph on nnU-Net, MONAI and classifier networks.
 
 Torch-Pruning 1.6.1 fails to build the graph of a ``PlainConvUNet`` (``TypeError`` in the
 concat index mapping) while its LeakyReLUs are in-place, nnU-Net's default. ``inplace=False``
@@ -11,13 +11,17 @@ ResEnc's ``out += residual`` right after an InstanceNorm (whose output is a view
 unpruned. So while tracing, a module output that is a view is returned as a copy. This covers
 every residual addition written in place, whatever the block class, without patching blocks.
 
+A ``PReLU`` with one shared slope (MONAI's default activation) reaches autograd with its weight
+reshaped, and the tracer counts that reshape as a second input without channels; the concat
+index mapping then fails on ``None`` channels. While tracing, such a PReLU runs as a ReLU (one
+input; the graph needs only shapes); it has no per-channel parameters to prune.
+
 NORTON's CP blocks (``CPDConv``) are graph leaves with their own pruning function
 (``medslim.prune.cp_pruner``), registered through Torch-Pruning's ``customized_pruners``.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterator, Sequence
 
 import torch
@@ -26,6 +30,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from medslim.errors import MedslimError
+from medslim.families import family_of
 from medslim.prune.cp_pruner import CUSTOM_PRUNERS, opaque_cp_blocks
 
 
@@ -51,16 +56,17 @@ def spatial_dims(net: nn.Module) -> int:
 
 def example_input(net: nn.Module, input_channels: int, patch_size: Sequence[int] | None = None) -> torch.Tensor:
     """A small input the network accepts, ``[1, input_channels, *size]`` with
-    ``spatial_dims(net)`` sizes (2D or 3D): every size = 2 x the product of the encoder
-    strides, so the bottleneck keeps 2 voxels per axis (InstanceNorm rejects a single voxel).
-    The graph only needs shapes, and a TotalSegmentator-sized patch would cost seconds.
-    ``patch_size``: the sizes of a network without ``encoder.strides``."""
+    ``spatial_dims(net)`` sizes (2D or 3D): every size = 2 x the input multiple of its family
+    (the product of the downsampling strides), so the bottleneck keeps 2 voxels per axis
+    (InstanceNorm rejects a single voxel). The graph only needs shapes, and a
+    TotalSegmentator-sized patch would cost seconds. ``patch_size``: the sizes of a network
+    whose family does not give its input multiple."""
     ndim = spatial_dims(net)
-    strides = getattr(getattr(net, "encoder", None), "strides", None)
-    if strides is None:
+    multiple = family_of(net).input_multiple(net)
+    if multiple is None:
         size = list(patch_size) if patch_size is not None else [16] * ndim
     else:
-        size = [2 * math.prod(int(_as_list(s, ndim)[d]) for s in strides) for d in range(ndim)]
+        size = [2 * int(m) for m in _as_list(multiple, ndim)]
     param = next(net.parameters())
     return torch.zeros(1, input_channels, *size, dtype=param.dtype, device=param.device)
 
@@ -81,26 +87,34 @@ def _view_outputs_copied(net: nn.Module) -> Iterator[None]:
             h.remove()
 
 
+@contextlib.contextmanager
+def _shared_prelu_as_relu(net: nn.Module) -> Iterator[None]:
+    """Single-slope PReLUs of ``net`` run as ReLUs within the block (see the module docstring)."""
+    shared = [m for m in net.modules() if isinstance(m, nn.PReLU) and m.num_parameters == 1]
+    for m in shared:
+        m.forward = torch.relu
+    try:
+        yield
+    finally:
+        for m in shared:
+            del m.forward
+
+
 def build_graph(net: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     """Dependency graph of ``net`` (eval mode, in-place activations off; ``CPDConv`` blocks are
     leaves pruned by ``CPDConvPruner``)."""
     disable_inplace(net)
     was_training = net.training
     net.eval()
-    # Trace with deep supervision on, so the auxiliary heads' inputs follow pruned channels
-    # (they are unused, hence invisible to the tracer, when it is off).
-    decoder = getattr(net, "decoder", None)
-    deep_supervision = getattr(decoder, "deep_supervision", None)
-    if deep_supervision is not None:
-        decoder.deep_supervision = True
     try:
-        # tracing needs autograd, also when nnU-Net builds the network under no_grad/inference_mode
-        with torch.inference_mode(False), torch.enable_grad(), _view_outputs_copied(net), opaque_cp_blocks(net):
+        # Every head runs (deep supervision on), so the auxiliary heads' inputs follow pruned
+        # channels (unused heads are invisible to the tracer). Tracing needs autograd, also when
+        # nnU-Net builds the network under no_grad/inference_mode.
+        with family_of(net).all_heads_active(net), torch.inference_mode(False), torch.enable_grad(), \
+                _view_outputs_copied(net), _shared_prelu_as_relu(net), opaque_cp_blocks(net):
             graph = tp.DependencyGraph().build_dependency(net, example_inputs=example.clone(),
                                                           customized_pruners=CUSTOM_PRUNERS)
     finally:
-        if deep_supervision is not None:
-            decoder.deep_supervision = deep_supervision
         net.train(was_training)
     return graph
 

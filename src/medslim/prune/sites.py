@@ -10,8 +10,8 @@ may be removed:
   ``restore`` follows); no graph constraints;
 - ``all``: both.
 
-Never candidates: segmentation heads (``decoder.seg_layers``), and by default the stem (the
-first unit, which reads the network input).
+Never candidates: the heads (``medslim.families``: e.g. nnU-Net's ``decoder.seg_layers``), and
+by default the stem (the first unit, which reads the network input).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from torch import nn
 from medslim.decompose.cp import CPDConv
 from medslim.decompose.tucker import TuckerConv
 from medslim.errors import MedslimError
+from medslim.families import head_names, under
 
 PRUNE_SITES = ("outer", "rank", "all")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -45,15 +46,17 @@ def conv_units(net: nn.Module) -> dict[str, nn.Module]:
     return units
 
 
-def is_head(name: str) -> bool:
-    return ".seg_layers." in f".{name}"
+def is_head(name: str, heads: list[str]) -> bool:
+    """Whether unit ``name`` is a head or inside one (``heads``: ``medslim.families.head_names``)."""
+    return under(name, heads)
 
 
 def prunable_layers(net: nn.Module, site: str, *, prune_stem: bool = False) -> list[str]:
     """Names of convolutions whose output channels are pruning candidates at ``site``."""
     if site not in PRUNE_SITES:
         raise MedslimError(f"unknown prune site '{site}'; choose one of {', '.join(PRUNE_SITES)}")
-    units = [(n, m) for n, m in conv_units(net).items() if not is_head(n)]
+    heads = head_names(net)
+    units = [(n, m) for n, m in conv_units(net).items() if not is_head(n, heads)]
     names: list[str] = []
     for i, (name, unit) in enumerate(units):
         tucker = is_tucker(unit)

@@ -6,7 +6,6 @@ This is the shared engine of ``hvs``, ``nisp``, ``hvs_data`` and ``consumer_l1``
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -15,12 +14,12 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from medslim.errors import MedslimError
+from medslim.families import family_of
 from medslim.score.linearise import Rule, linearise
 from medslim.score.registry import ScoreContext, resolve_layers
 
 log = logging.getLogger(__name__)
 
-_SEG_LAYER = re.compile(r"(?:^|\.)decoder\.seg_layers\.(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -47,23 +46,16 @@ class Propagation:
 
 
 def find_head(model: nn.Module) -> str:
-    """The last ``decoder.seg_layers.<i>`` (nnU-Net; deep supervision off), else the last
-    Linear/convolution in module order.
+    """The module whose output is the network's main output (``medslim.families``: nnU-Net's
+    last ``decoder.seg_layers.<i>``, a MONAI network itself (``""``), a classifier's last
+    Linear), else the last Linear/convolution in module order.
 
     Raises:
         MedslimError: the model has neither.
     """
-    seg, last = [], None
-    for name, m in model.named_modules():
-        if (match := _SEG_LAYER.search(name)) is not None:
-            seg.append((int(match.group(1)), name))
-        if isinstance(m, (_ConvNd, nn.Linear)):
-            last = name
-    if seg:
-        return max(seg)[1]
-    if last is None:
+    if not any(isinstance(m, (_ConvNd, nn.Linear)) for m in model.modules()):
         raise MedslimError(f"cannot find an output layer in the {type(model).__name__}; set the head")
-    return last
+    return family_of(model).output_module(model)
 
 
 class _Channels:

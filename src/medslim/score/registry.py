@@ -39,8 +39,9 @@ class ScoreContext:
             (the channel's score mass; use with ``normalize=False`` to check conservation).
         seed_classes: classes (head output channels) seeded with δ = 1; ``None`` = all.
         seed: seed of the ``random`` criterion.
-        head: name of the final output layer; ``None`` = the last ``decoder.seg_layers.<i>``
-            (nnU-Net), else the last Linear/convolution in module order.
+        head: name of the module whose output is seeded; ``None`` = ``find_head`` (the
+            family's main output: nnU-Net's last ``decoder.seg_layers.<i>``, a MONAI network
+            itself, a classifier's last Linear).
         normalize: divide each layer's scores by their L2 norm.
         calibration: input batch ``(B, C, *spatial)`` for data-aware criteria (``hvs_data``,
             ``taylor``).

@@ -1,0 +1,88 @@
+"""MONAI's ``UNet``, ``SegResNet``, ``DynUNet`` and ``BasicUNet`` (``monai.networks.nets``).
+
+Heads, per class: ``UNet`` — the convolutions of its top up-layer (``model.<last>``) that emit
+``out_channels`` (the transposed conv and, with residual units, the last unit, whose identity
+residual couples the two); ``SegResNet`` — ``conv_final``; ``DynUNet`` — ``output_block`` and
+``deep_supervision_heads`` (its forward returns them only in training mode, so tracing sets
+the top module's ``training`` flag alone, per call; the layers inside stay in eval mode); ``BasicUNet`` —
+``final_conv``. The HVS seed is the network's own output. Input multiples: the product of the
+strides (``UNet``, ``DynUNet``), ``2^(len(blocks_down) − 1)`` (``SegResNet``), 16
+(``BasicUNet``'s four poolings).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from medslim.families.base import Family, under
+
+#: the classes this adapter knows, by ``type(net).__name__`` (checked with their module path)
+CLASSES = ("UNet", "SegResNet", "DynUNet", "BasicUNet")
+
+
+def _convs_under(net: nn.Module, prefixes: list[str]) -> list[str]:
+    return [n for n, m in net.named_modules() if isinstance(m, _ConvNd) and under(n, prefixes)]
+
+
+def _strides_product(strides, ndim: int) -> list[int]:
+    per_axis = [list(s) if isinstance(s, (list, tuple)) else [int(s)] * ndim for s in strides]
+    return [math.prod(int(s[d]) for s in per_axis) for d in range(ndim)]
+
+
+class MonaiFamily(Family):
+    name = "monai"
+
+    def matches(self, net: nn.Module) -> bool:
+        cls = type(net)
+        return cls.__module__.startswith("monai.networks.nets") and cls.__name__ in CLASSES
+
+    def heads(self, net: nn.Module) -> list[str]:
+        kind = type(net).__name__
+        if kind == "UNet":
+            top = f"model.{len(net.model) - 1}"
+            return [n for n in _convs_under(net, [top]) if _out_channels(net, n) == net.out_channels]
+        if kind == "SegResNet":
+            return _convs_under(net, ["conv_final"])
+        if kind == "DynUNet":
+            return _convs_under(net, ["output_block", "deep_supervision_heads"])
+        return _convs_under(net, ["final_conv"])
+
+    def output_module(self, net: nn.Module) -> str:
+        return ""
+
+    def input_multiple(self, net: nn.Module) -> list[int] | int:
+        kind = type(net).__name__
+        ndim = next(m for m in net.modules() if isinstance(m, _ConvNd)).weight.dim() - 2
+        if kind in ("UNet", "DynUNet"):
+            return _strides_product(net.strides, ndim)
+        if kind == "SegResNet":
+            return 2 ** (len(net.blocks_down) - 1)
+        return 16
+
+    @contextlib.contextmanager
+    def all_heads_active(self, net: nn.Module) -> Iterator[None]:
+        if type(net).__name__ != "DynUNet" or not net.deep_supervision:
+            yield
+            return
+
+        def forward(x):  # tracers call eval(): set the flag per call, on the top module only
+            before = net.training
+            net.training = True
+            try:
+                return type(net).forward(net, x)
+            finally:
+                net.training = before
+
+        net.forward = forward
+        try:
+            yield
+        finally:
+            del net.forward
+
+
+def _out_channels(net: nn.Module, name: str) -> int:
+    return dict(net.named_modules())[name].out_channels
