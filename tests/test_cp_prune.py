@@ -21,7 +21,7 @@ from medslim.cli import app
 from medslim.decompose import CPDConv, decompose_network_cp
 from medslim.network import CompressedUNet
 from medslim.prune import example_input, prunable_layers, prune_network
-from medslim.prune.cp_pruner import CUSTOM_PRUNERS
+from medslim.prune.graph import CUSTOM_PRUNERS
 from medslim.prune.graph import build_graph
 from medslim.prune.sites import stem_output
 from medslim.score import ScoreContext, get_criterion

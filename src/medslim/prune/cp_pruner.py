@@ -54,7 +54,6 @@ class CPDConvPruner(tp.pruner.BasePruningFunc):
 
 
 #: ``customized_pruners`` for ``tp.DependencyGraph.build_dependency``
-CUSTOM_PRUNERS: dict[type, tp.pruner.BasePruningFunc] = {CPDConv: CPDConvPruner()}
 
 
 class _Leaf(torch.autograd.Function):

@@ -16,7 +16,7 @@ reshaped, and the tracer counts that reshape as a second input without channels;
 index mapping then fails on ``None`` channels. While tracing, such a PReLU runs as a ReLU (one
 input; the graph needs only shapes); it has no per-channel parameters to prune.
 
-NORTON's CP blocks (``CPDConv``) are graph leaves with their own pruning function
+GroupNorms lose whole groups only (``medslim.prune.groupnorm``). NORTON's CP blocks (``CPDConv``) are graph leaves with their own pruning function
 (``medslim.prune.cp_pruner``), registered through Torch-Pruning's ``customized_pruners``.
 """
 from __future__ import annotations
@@ -29,9 +29,15 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from medslim.decompose.cp import CPDConv
 from medslim.errors import MedslimError
 from medslim.families import family_of
-from medslim.prune.cp_pruner import CUSTOM_PRUNERS, opaque_cp_blocks
+from medslim.prune.cp_pruner import CPDConvPruner, opaque_cp_blocks
+from medslim.prune.groupnorm import WholeGroupNormPruner
+
+#: Torch-Pruning handlers medslim replaces or adds (``customized_pruners``)
+CUSTOM_PRUNERS: dict[type, tp.pruner.BasePruningFunc] = {CPDConv: CPDConvPruner(),
+                                                        nn.GroupNorm: WholeGroupNormPruner()}
 
 
 def disable_inplace(net: nn.Module) -> None:

@@ -11,7 +11,8 @@ from torch import nn
 
 from medslim.errors import MedslimError
 from medslim.prune.graph import build_graph
-from medslim.prune.select import check_selection, global_keep_counts, keep_count, top_k
+from medslim.prune.groupnorm import channel_granule, granule_top_k
+from medslim.prune.select import check_selection, global_keep_counts, keep_count
 
 
 KeepRule = Callable[[Mapping[str, torch.Tensor]], Mapping[str, int]]
@@ -53,7 +54,8 @@ def prune_network(net: nn.Module, layers: Sequence[str], scores: Mapping[str, to
     """Prune ``ratio`` of the output channels of the layers in ``layers`` from a copy of ``net``.
 
     Coupled layers (e.g. residual additions) form one group, scored by the sum of its members'
-    scores. ``selection="layer"``: each group keeps ``ceil((1 - ratio) * C)`` channels;
+    scores. A group coupled with a GroupNorm keeps whole norm groups (its count rounded up;
+    ``medslim.prune.groupnorm``). ``selection="layer"``: each group keeps ``ceil((1 - ratio) * C)`` channels;
     ``"global"``: the channels of all groups are ranked together (each group's scores
     L2-normalised) and ``ratio`` of them go, at least one kept per group (``global_keep_counts``, which says how the per-layer L2
     normalisation of the scores shifts removal to wide layers). Either way a group keeps its
@@ -97,7 +99,8 @@ def prune_network(net: nn.Module, layers: Sequence[str], scores: Mapping[str, to
     else:
         counts = {name: keep_count(t.numel(), ratio) for name, t in totals.items()}
     for name, members in groups.items():
-        keep = top_k(totals[name], counts[name])
+        keep = granule_top_k(totals[name], counts[name], channel_granule(graph, modules[name],
+                                                                         out_channel_fn(graph, modules[name])))
         c = totals[name].numel()
         remove = sorted(set(range(c)) - set(keep.tolist()))
         if remove:
