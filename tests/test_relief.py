@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from conftest import assert_user_error, held_out_cases, nnunet_images
 
 from medslim.cli import app
+from medslim.errors import MedslimError
 from medslim.load import load_results_folder
 from medslim.prune import prunable_layers
 from medslim.prune.relief_masks import apply_masks, drop_dead_units, iterative_relief, kept_fraction, relief_masks
@@ -230,3 +231,17 @@ def test_iterative_relief_only_removes_and_retrains_each_round():
     assert len(kept) == 3 and retrained == kept
     assert kept[0] < kept_fraction(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)))[1]
     assert kept[0] >= kept[1] >= kept[2] > 0 and kept[2] < kept[0]
+
+
+def test_finetune_config_passes_alpha_to_compression(tmp_path):
+    from medslim.finetune import resolve_config
+
+    (tmp_path / "c.json").write_text(json.dumps({"criterion": "relief", "alpha": 0.9}))
+    config = resolve_config({}, tmp_path / "c.json")
+    assert config.compression().alpha == 0.9 and config.compression().prune_ratio == 0.0
+    (tmp_path / "c.json").write_text(json.dumps({"criterion": "hvs", "alpha": 0.9}))
+    with pytest.raises(MedslimError, match="alpha"):
+        resolve_config({}, tmp_path / "c.json")
+    (tmp_path / "c.json").write_text(json.dumps({"criterion": "relief", "alpha": "most"}))
+    with pytest.raises(MedslimError, match="'alpha' must be a number or null"):
+        resolve_config({}, tmp_path / "c.json")

@@ -51,7 +51,9 @@ class FinetuneConfig(CompressionSettings):
     ``init="scratch"`` keeps the compressed architecture but re-initialises every weight as
     nnU-Net does (He, neg. slope 1e-2): the train-from-scratch control. ``final_validation``
     runs nnU-Net's validation of the fold at the end (off in sweeps, which score with medslim).
-    ``calibration_batches`` training batches feed data-aware criteria (``hvs_data``, ``taylor``).
+    ``calibration_batches`` training batches feed data-aware criteria (``hvs_data``, ``taylor``,
+    ``relief``). ``alpha`` (criterion ``relief`` only): each layer keeps the fewest channels
+    holding α of its score mass instead of ``prune_ratio`` (``medslim compress --alpha``).
     ``steps`` > 1 reaches the target in stages (compress a little, fine-tune, repeat): each
     stage multiplies the ranks by ``DF^(1/steps)`` and removes ``1 − (1 − ρ)^(1/steps)`` of the
     current channels, at epochs ``round(i · epochs / steps)`` (``medslim.recompress``).
@@ -99,6 +101,7 @@ class FinetuneConfig(CompressionSettings):
     dprp_epsilon: float = 0.01
     dprp_cut_every: int = 1
     dprp_guard: str = "params"
+    alpha: float | None = None
     dataset_name: str | None = None
     plans_name: str | None = None
     configuration: str | None = None
@@ -164,7 +167,7 @@ class FinetuneConfig(CompressionSettings):
         criteria with ``calibration_batches`` training batches)."""
         from medslim.score.registry import NEEDS_CALIBRATION
 
-        return CompressConfig(seed=self.seed, with_calibration=self.criterion in NEEDS_CALIBRATION,
+        return CompressConfig(seed=self.seed, with_calibration=self.criterion in NEEDS_CALIBRATION, alpha=self.alpha,
                               **{k: getattr(self, k) for k in _COMPRESS_KEYS})
 
     def stage_compression(self) -> CompressConfig:
@@ -206,15 +209,17 @@ _TYPES: dict[str, tuple[type, ...]] = {}
 for _f in fields(FinetuneConfig):
     _t = str(_f.type)
     _TYPES[_f.name] = ((bool,) if _t == "bool" else (int,) if _t == "int" else (int, float) if _t == "float"
+                       else (int, float, type(None)) if _t == "float | None"
                        else (str, type(None)) if "None" in _t else (str,))
 
 
 def _typed(key: str, value: Any, source: str) -> Any:
     ok = _TYPES[key]
-    kind = "a number" if float in ok else "a string or null" if type(None) in ok else f"a {ok[0].__name__}"
+    kind = ("a number or null" if float in ok and type(None) in ok else "a number" if float in ok
+            else "a string or null" if type(None) in ok else f"a {ok[0].__name__}")
     if (isinstance(value, bool) and bool not in ok) or not isinstance(value, ok):
         raise MedslimError(f"{source}: '{key}' must be {kind}, got {value!r}")
-    return float(value) if float in ok else value
+    return float(value) if float in ok and value is not None else value
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

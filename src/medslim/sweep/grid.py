@@ -29,7 +29,7 @@ from medslim.finetune.config import SCHEDULES, FinetuneConfig, config_from_dict
 
 KINDS = ("original", "control", "compressed", "scratch", "scratch_full")
 CONTROLS = ("original", "control", "scratch", "scratch_full")
-COMPRESSION_KEYS = frozenset(CompressionSettings.__dataclass_fields__) | {"compress", "init"}
+COMPRESSION_KEYS = frozenset(CompressionSettings.__dataclass_fields__) | {"compress", "init", "alpha"}
 TOP_KEYS = {"name", "model", "data", "dataset", "plans", "configuration", "fold", "finetune", "seeds", "grid",
             "variants", "controls", "full_updates", "evaluate"}
 
