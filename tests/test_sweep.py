@@ -76,6 +76,21 @@ def test_variants_are_merged_into_every_grid_point(tmp_path):
                                                                           "control__kd_weight-1.0__s7"]
 
 
+def test_methods_that_compress_while_training_keep_compress_off_and_share_the_plain_control(tmp_path):
+    spec = load_sweep(sweep_file(tmp_path, tmp_path, controls=["control", "scratch"], grid={"kd_weight": [0.0]},
+                                 variants=[{"df": 0.25, "prune_ratio": 0.5},
+                                           {"compress": False, "regularizer": "serene", "reg_lambda": 0.01},
+                                           {"compress": False, "dprp": True}]))
+    cells = expand(spec)
+    by_method = {c.method: c for c in cells if c.kind == "compressed"}
+    assert set(by_method) == {"hvs", "serene", "dprp"}
+    assert by_method["serene"].settings["compress"] is False and by_method["hvs"].settings["compress"] is True
+    controls = [c for c in cells if c.kind == "control"]
+    assert [c.id for c in controls] == ["control__kd_weight-0.0__s7"]  # one plain fine-tune for all three
+    assert "regularizer" not in controls[0].settings and "dprp" not in controls[0].settings
+    assert [c.kind for c in cells].count("scratch") == 1  # only the method whose architecture is known
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"grid": {"criterion": ["hvs", "magic"]}}, "unknown criterion 'magic'"),
     ({"grid": {"df": [0.3, 1.5]}}, "--df must be in (0, 1]"),

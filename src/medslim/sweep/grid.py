@@ -29,7 +29,10 @@ from medslim.finetune.config import SCHEDULES, FinetuneConfig, config_from_dict
 
 KINDS = ("original", "control", "compressed", "scratch", "scratch_full")
 CONTROLS = ("original", "control", "scratch", "scratch_full")
-COMPRESSION_KEYS = frozenset(CompressionSettings.__dataclass_fields__) | {"compress", "init", "alpha"}
+# what a cell's method is made of (controls do not vary with these): compression settings and
+# the methods that compress while training (sensitivity regularisers, DPRP)
+COMPRESSION_KEYS = (frozenset(CompressionSettings.__dataclass_fields__) | {"compress", "init", "alpha", "regularizer", "dprp"}
+                    | {k for k in FinetuneConfig.__dataclass_fields__ if k.startswith(("reg_", "dprp_"))})
 TOP_KEYS = {"name", "model", "data", "dataset", "plans", "configuration", "fold", "finetune", "seeds", "grid",
             "variants", "controls", "full_updates", "evaluate"}
 
@@ -129,7 +132,14 @@ def _label(key: str, value: Any) -> str:
 
 def _method(settings: dict[str, Any]) -> str:
     """Series label: the criterion (``tucker`` when nothing is pruned), rank policy, ``kd``."""
-    parts = [str(settings.get("criterion", "hvs")) if settings.get("prune_ratio", 0.5) > 0 else "tucker"]
+    if settings.get("regularizer", "none") != "none":
+        return str(settings["regularizer"])
+    if settings.get("dprp"):
+        return "dprp"
+    parts = [str(settings.get("criterion", "hvs")) if settings.get("prune_ratio", 0.5) > 0 or settings.get("alpha")
+             else "tucker"]
+    if settings.get("decomposition", "tucker") != "tucker":
+        parts.insert(0, str(settings["decomposition"]))
     if settings.get("rank_policy", "df") != "df":
         parts.append(str(settings["rank_policy"]))
     if settings.get("kd_weight", 0):
@@ -162,7 +172,12 @@ def expand(spec: SweepSpec) -> list[Cell]:
             if "control" in spec.controls:
                 ctrl = {**spec.finetune, **finetune_only, "seed": seed, "compress": False}
                 add("control", finetune_only, seed, ctrl, "control", ft_keys)
-            add("compressed", point, seed, {**base, "compress": True}, _method(base), keys)
+            # a method that compresses while training (compress: false) keeps it; its final
+            # architecture is not known beforehand, so it has no from-scratch control
+            compress = bool(point.get("compress", True))
+            add("compressed", point, seed, {**base, "compress": compress}, _method(base), keys)
+            if not compress:
+                continue
             if "scratch" in spec.controls:
                 add("scratch", point, seed, {**base, "compress": True, "init": "scratch"}, "scratch", keys)
             if "scratch_full" in spec.controls:
