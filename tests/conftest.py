@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -88,6 +90,16 @@ def nnunet_images(folder: Path, cases: list[str]) -> Path:
     for case in cases:
         shutil.copy(HIPPO / "imagesTr" / f"{case}.nii.gz", folder / f"{case}_0000.nii.gz")
     return folder
+
+
+def monai_bundle(bundle: Path, *args: str, threads: int = 2) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle ARGS`` in a new process, from the bundle folder; fails the test
+    unless it exits with 0 (showing the end of its stderr)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], check=False, cwd=bundle, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def tree_digest(folder: Path) -> str:

@@ -4,10 +4,7 @@ checks accept offline, and one-line errors (exit 2, no bundle) on bad input."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -16,21 +13,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import SHARED, assert_user_error, held_out_cases, nnunet_images
+from conftest import SHARED, assert_user_error, held_out_cases, monai_bundle, nnunet_images
 
 from medslim.cli import app
 
 CASES = held_out_cases(3)
 EXAMPLE_CT = SHARED / "totalsegmentator" / "example_ct_sm.nii.gz"
-
-
-def monai_bundle(bundle: Path, *args: str) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle ARGS`` in a new process, from the bundle folder."""
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], check=False, cwd=bundle, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def cli(*args: str):

@@ -5,13 +5,13 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from torch import Tensor
+from torch import Tensor, nn
 
-from medslim.compress import CompressConfig, compress_network
+from medslim.compress import CompressConfig, Compressed, compress_network
 from medslim.export.nnunet_folder import write_results_folder
 from medslim.errors import MedslimError
 from medslim.load.nnunet import NnUNetModel, load_results_folder
@@ -33,18 +33,25 @@ def compress_model(model: NnUNetModel, config: CompressConfig, output: str | Pat
         raise MedslimError(f"{model.folder} is already compressed by medslim; compress the original model instead")
     net = model.build_network()
     input_shape = [1, model.num_input_channels, *model.patch_size]
-    n_layers = sum(1 for _ in net.modules())
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[layer]}"),
-                  TimeElapsedColumn(), console=console or Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("compressing", total=n_layers, layer="")
-        compressed = compress_network(
-            net, config, input_shape, calibration=calibration,
-            progress=lambda stage, name: bar.update(task, advance=1, description=stage, layer=name))
+    compressed = compress_with_progress(net, config, input_shape, console, calibration)
     report = summarize(net, compressed, input_shape)
     report.update(model=str(model.folder), fold=model.fold, configuration=model.configuration_name,
                   settings=config.to_dict(), network_class=model.architecture["network_class_name"])
     write_results_folder(model, compressed.network.state_dict(), compressed.spec, report, output, overwrite)
     return report
+
+
+def compress_with_progress(net: nn.Module, config: CompressConfig, input_shape: Sequence[int],
+                           console: Console | None = None, calibration: Tensor | None = None) -> Compressed:
+    """``compress_network`` with a transient progress bar (stage, layer) on ``console``
+    (default: stderr)."""
+    n_layers = sum(1 for _ in net.modules())
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[layer]}"),
+                  TimeElapsedColumn(), console=console or Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("compressing", total=n_layers, layer="")
+        return compress_network(
+            net, config, input_shape, calibration=calibration,
+            progress=lambda stage, name: bar.update(task, advance=1, description=stage, layer=name))
 
 
 def demo_settings() -> tuple[float, float]:

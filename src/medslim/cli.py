@@ -280,6 +280,31 @@ def export_bundle(
     out_console.print(f"wrote {bundle} (from {model}, fold {fold})", highlight=False, soft_wrap=True)
 
 
+@app.command("compress-bundle")
+def compress_bundle(
+    bundle: Path = typer.Argument(..., help="MONAI bundle folder (configs/inference.json with a network_def of MONAI's UNet, SegResNet, DynUNet or BasicUNet; models/model.pt)"),
+    output: Path = typer.Option(..., "-o", "--output", help="new bundle folder (must not exist)"),
+    df: float = typer.Option(0.3, "--df", help="rank ratio DF in (0, 1] (thesis: 'downsampling factor')"),
+    prune: float = typer.Option(0.5, "--prune", help="fraction ρ of channels removed per layer, in [0, 1)"),
+    criterion: str = typer.Option("hvs", "--criterion", help="hvs | nisp | l1 | l2 | consumer_l1 | norton | random"),
+    seed: int = typer.Option(0, "--seed", help="seed (random criterion)"),
+) -> None:
+    """Compress a MONAI bundle's network into a new bundle whose configs rebuild it
+    (medslim.bundle.network.CompressedNetwork: the original network_def + the spec)."""
+    from medslim.bundle.compress import compress_bundle as write_bundle
+    from medslim.compress import CompressConfig
+    from medslim.score.registry import check_criterion
+
+    check_criterion(criterion, calibration=prune == 0)  # no --calibration here: weight-only criteria
+    config = CompressConfig(df=df, prune_ratio=prune, criterion=criterion, seed=seed)
+    report = write_bundle(bundle, output, config, console=console)
+    print_report(report)
+    if report["not_copied"]:
+        out_console.print(f"not copied (weights of the original network): {', '.join(report['not_copied'])}",
+                          highlight=False, soft_wrap=True)
+    out_console.print(f"wrote {output} (from {bundle})", highlight=False, soft_wrap=True)
+
+
 @app.command("nnunet-path")
 def nnunet_path() -> None:
     """Print the folder to put in nnUNet_extTrainer (medslim's nnU-Net trainers)."""

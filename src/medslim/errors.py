@@ -13,3 +13,9 @@ def did_you_mean(name: str, choices: Sequence[str]) -> str:
     """``"; did you mean 'x'?"`` for the closest choice, or ``""`` (for error messages)."""
     close = difflib.get_close_matches(name, list(choices), n=1)
     return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first non-blank line of ``str(e)`` (at most ``limit`` characters), else the
+    exception's type name: for one-line messages that quote a library's error."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)[:limit]

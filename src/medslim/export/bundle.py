@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from medslim.atomic import atomic_folder, check_output_parent
-from medslim.errors import MedslimError
+from medslim.errors import MedslimError, first_line
 from medslim.export.bundle_config import DIFFERENCES, inference_config
 from medslim.export.bundle_schema import SCHEMA_JSON, SCHEMA_NAME, SCHEMA_URL
 from medslim.network import is_compressed
@@ -33,11 +33,15 @@ from medslim.load.nnunet import NnUNetModel, load_results_folder
 PACKAGES = ("medslim", "dynamic-network-architectures", "torch-pruning", "nibabel")
 
 
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "unknown"
+def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
+    """``{package: installed version}`` (``"unknown"`` if not installed), for bundle metadata."""
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "unknown"
+
+    return {p: installed(p) for p in packages}
 
 
 def _report_summary(folder: Path) -> dict[str, Any] | None:
@@ -61,7 +65,7 @@ def metadata(model: NnUNetModel) -> dict[str, Any]:
               if isinstance(v, int) and 0 <= v < model.num_classes}  # drops nnU-Net's ignore label
     ct = model.configuration["normalization_schemes"][0] == "CTNormalization"
     patch = list(model.patch_size)
-    packages = {p: _version(p) for p in PACKAGES}
+    packages = package_versions()
     name = model.dataset_json.get("name", model.folder.parent.name or model.folder.name)
     return {
         "schema": SCHEMA_URL,
@@ -159,8 +163,8 @@ def _checked_network(model: NnUNetModel) -> torch.nn.Module:
     except MedslimError:
         raise
     except Exception as e:  # a spec that cannot be applied to the base architecture
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise MedslimError(f"{model.folder}: the network in plans.json cannot be built with its weights: {first}") from e
+        raise MedslimError(f"{model.folder}: the network in plans.json cannot be built with its weights: "
+                           f"{first_line(e)}") from e
 
 
 def export_bundle(model_dir: str | Path, out: str | Path, fold: int | str = 0,
@@ -187,22 +191,23 @@ def export_bundle(model_dir: str | Path, out: str | Path, fold: int | str = 0,
         (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
         (tmp / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
         torch.save(net.state_dict(), tmp / "models" / "model.pt")
-        _save_torchscript(net, model, meta, config, tmp / "models" / "model.ts")
+        example = torch.zeros(1, model.num_input_channels, *model.patch_size)
+        save_traced(net, example, meta, {"inference.json": config}, tmp / "models" / "model.ts")
         (tmp / "docs" / "README.md").write_text(_readme(model, meta, config))
         (tmp / "docs" / SCHEMA_NAME).write_text(SCHEMA_JSON)
         (tmp / "LICENSE").write_text(_license_text(model))
     return out
 
 
-def _save_torchscript(net: torch.nn.Module, model: NnUNetModel, meta: dict[str, Any], config: dict[str, Any],
-                      path: Path) -> None:
-    """Trace ``net`` on one zero patch ``[1, C_in, *patch]`` and save it as ``ckpt_export`` does
-    (metadata and config as extra files)."""
+def save_traced(net: torch.nn.Module, example: torch.Tensor, meta: dict[str, Any], configs: dict[str, Any],
+                path: Path) -> None:
+    """Trace ``net`` (eval mode) on ``example`` ``[1, C_in, *patch]`` and save it as MONAI's
+    ``ckpt_export --use_trace True`` does: ``meta`` as the metadata, each of ``configs``
+    (``{extra-file name: config}``) as a JSON extra file."""
     from monai.data import save_net_with_metadata
 
-    example = torch.zeros(1, model.num_input_channels, *model.patch_size)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings of InstanceNorm's shape checks; jit deprecation notes
-        traced = torch.jit.trace(net, example, check_trace=False)
+        traced = torch.jit.trace(net.eval(), example, check_trace=False)
         save_net_with_metadata(traced, str(path), include_config_vals=False, append_timestamp=False, meta_values=meta,
-                               more_extra_files={"inference.json": json.dumps(config).encode()})
+                               more_extra_files={k: json.dumps(v).encode() for k, v in configs.items()})

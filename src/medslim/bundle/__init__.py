@@ -1,0 +1,12 @@
+"""Compress MONAI bundles: ``compress_bundle`` reads a bundle whose ``network_def`` is one of
+MONAI's ``UNet``, ``SegResNet``, ``DynUNet`` or ``BasicUNet`` and writes a new bundle whose
+configs name ``CompressedNetwork`` (the original ``network_def`` + a compression spec).
+(``medslim.export.bundle`` is the other direction: an nnU-Net results folder as a bundle.)"""
+from medslim._lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "CompressedNetwork": "network",
+    "compress_bundle": "compress",
+    "read_bundle": "source",
+})
+__all__ = ["CompressedNetwork", "compress_bundle", "read_bundle"]
