@@ -182,6 +182,27 @@ def test_yaml_bundle(source, tmp_path):
     assert n_params(rebuilt(tmp_path / "out", "inference.yaml")) < n_params(source[1])
 
 
+def test_segresnet_bundle_prunes_whole_groupnorm_groups(tmp_path):
+    """A SegResNet bundle (GroupNorm, residual additions) at ρ 0.5: the written bundle rebuilds
+    and loads strictly; every GroupNorm kept its group size and some lost groups."""
+    from medslim.bundle import compress_bundle
+    from medslim.compress import CompressConfig
+
+    network_def = {"_target_": "SegResNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
+                   "init_filters": 16, "blocks_down": [1, 2, 2], "blocks_up": [1, 1]}
+    original = make_bundle(tmp_path / "segresnet", network_def)
+    report = compress_bundle(tmp_path / "segresnet", tmp_path / "out", CompressConfig(df=0.5, prune_ratio=0.5))
+    net = rebuilt(tmp_path / "out")
+    assert n_params(net) < 0.5 * n_params(original), report
+    before = {n: m.num_channels // m.num_groups for n, m in original.named_modules() if isinstance(m, torch.nn.GroupNorm)}
+    after = {n.removeprefix("network."): m for n, m in net.named_modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert after.keys() == before.keys() and any(m.num_groups < 8 for m in after.values())
+    assert all(m.num_channels // m.num_groups == before[n] for n, m in after.items())
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.isfinite(net(x)).all() and net(x).shape == (1, 2, 32, 32, 32)
+
+
 def test_compressed_network_behaves_like_dynunet_with_deep_supervision():
     """Training mode returns the deep-supervision heads ``[B, 1 + n, C, *S]``, eval mode the
     main output, as the compressed DynUNet does; the state dict is its own under ``network.``."""

@@ -75,7 +75,6 @@ class CompressedNetwork(nn.Module):
         except Exception as e:  # a spec naming layers or channels the base network does not have
             raise MedslimError(f"the compression spec does not fit network_def ({type(base).__name__}): "
                                f"{first_line(e)}") from e
-        _detach_heads(self.network)
         self.spec = spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,13 +96,3 @@ def input_channels(net: nn.Module) -> int:
     if conv is None:
         raise MedslimError(f"{type(net).__name__} has no convolution; medslim compresses convolutional networks")
     return conv.in_channels
-
-
-def _detach_heads(net: nn.Module) -> None:
-    """Detach the tensors in DynUNet's ``heads`` (the deep-supervision outputs its skip layers
-    write on every forward): the trace that replays the spec leaves graph tensors there, which
-    ``copy.deepcopy`` refuses, while a new DynUNet deep-copies. (Belongs in the MONAI family
-    adapter's ``all_heads_active``, which could restore the list after tracing.)"""
-    heads = getattr(net, "heads", None)
-    if isinstance(heads, list):
-        heads[:] = [h.detach() if isinstance(h, torch.Tensor) else h for h in heads]

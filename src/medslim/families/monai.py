@@ -15,6 +15,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
@@ -82,6 +83,16 @@ class MonaiFamily(Family):
             yield
         finally:
             del net.forward
+            release_heads(net)
+
+
+def release_heads(net: nn.Module) -> None:
+    """Detach the tensors DynUNet keeps in ``heads`` (its skip layers write the deep-supervision
+    outputs there on every forward pass): after a pass with autograd on they hold the graph,
+    and ``copy.deepcopy`` of the network fails."""
+    heads = getattr(net, "heads", None)
+    if type(net).__name__ == "DynUNet" and isinstance(heads, list):
+        heads[:] = [h.detach() if isinstance(h, torch.Tensor) else h for h in heads]
 
 
 def _out_channels(net: nn.Module, name: str) -> int:
