@@ -5,6 +5,7 @@ errors), 1 for bugs (``medslim --debug ...`` shows the traceback); see :mod:`med
 """
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import warnings
@@ -303,6 +304,32 @@ def compress_bundle(
         out_console.print(f"not copied (weights of the original network): {', '.join(report['not_copied'])}",
                           highlight=False, soft_wrap=True)
     out_console.print(f"wrote {output} (from {bundle})", highlight=False, soft_wrap=True)
+
+
+@app.command("bundle-config")
+def bundle_config(
+    output: Path = typer.Option(..., "-o", "--output", help="file to write, e.g. BUNDLE/configs/compress.json (must not exist)"),
+    df: float = typer.Option(0.3, "--df", help="rank ratio DF in (0, 1]"),
+    prune: float = typer.Option(0.5, "--prune", help="fraction ρ of channels removed per layer, in [0, 1)"),
+    criterion: str = typer.Option("hvs", "--criterion", help="a weight-only criterion (no calibration images)"),
+    seed: int = typer.Option(0, "--seed", help="seed (random criterion)"),
+) -> None:
+    """Write configs/compress.json for any MONAI bundle: then
+    python -m monai.bundle run compress --config_file "['configs/inference.json','configs/compress.json']"
+    writes BUNDLE_compressed (medslim_output overrides it)."""
+    from medslim.bundle.workflows import compress_config
+    from medslim.compress import CompressConfig
+    from medslim.score.registry import check_criterion
+
+    check_criterion(criterion, calibration=prune == 0)
+    CompressConfig(df=df, prune_ratio=prune, criterion=criterion, seed=seed)  # refuse bad settings now
+    if output.exists():
+        raise MedslimError(f"{output} already exists; remove it or choose another file")
+    if not output.parent.is_dir():
+        raise MedslimError(f"folder {output.parent} does not exist")
+    settings = {"df": df, "prune_ratio": prune, "criterion": criterion, "seed": seed}
+    output.write_text(json.dumps(compress_config(settings), indent=4) + "\n")
+    out_console.print(f"wrote {output}", highlight=False, soft_wrap=True)
 
 
 @app.command("nnunet-path")

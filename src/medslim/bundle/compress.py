@@ -11,6 +11,9 @@ The new bundle is the input bundle's files, with::
                              route: Tucker layers and DynUNet do not torch.jit.script)
     docs/meta_schema_20220324.json   if the metadata names that schema: verify_metadata works offline
     large_files.yml          without its models/ entries (they would download the original weights)
+    configs/finetune.json    if the source has train.json: overlays that fine-tune the compressed network
+    configs/distill.json     with the bundle's own training workflow, with distillation from the original
+                             (``medslim.bundle.workflows``)
 
 Other files in ``models/`` (ONNX, TensorRT, older checkpoints) hold the original network and are
 not copied. Written to a temporary sibling and renamed into place when complete; the input
@@ -32,6 +35,7 @@ from medslim.atomic import atomic_folder, check_output_parent
 from medslim.bundle.network import COMPRESSED_TARGET, CompressedNetwork, input_channels
 from medslim.bundle.source import (CONFIG_SUFFIXES, BundleSource, build_from_config, load_config, load_weights,
                                    read_bundle)
+from medslim.bundle.workflows import DISTILL_FILE, FINETUNE_FILE, distill_overlay, finetune_overlay
 from medslim.compress import CompressConfig
 from medslim.errors import MedslimError
 from medslim.export.bundle import save_traced, package_versions
@@ -102,6 +106,10 @@ def _write_bundle(tmp: Path, source: BundleSource, configs: dict[Path, dict[str,
         (tmp / "docs" / SCHEMA_NAME).write_text(SCHEMA_JSON)
     save_traced(net, torch.zeros(source.input_shape), meta, {source.config_path.stem: configs[source.config_path]},
                 tmp / "models" / "model.ts")
+    if any(p.stem == "train" for p in configs):  # overlays for the bundle's own training workflow
+        write_config(tmp / "configs" / FINETUNE_FILE, finetune_overlay())
+        write_config(tmp / "configs" / DISTILL_FILE, distill_overlay(source.config["network_def"],
+                                                                     source.folder / "models" / "model.pt"))
     _check_written(tmp / source.config_path.relative_to(source.folder), net)
 
 

@@ -6,9 +6,10 @@ input, so the teacher runs in an Ignite handler: after each forward pass
 ``engine.state.output["image"]`` and hands the logits to the ``DistillationLoss`` that wraps
 the bundle's own loss; after the loss (``LOSS_COMPLETED``) it clears them, so the
 validation/evaluation loss stays the bundle's own. A bundle config wires it with three
-entries (see ``medslim.bundle`` for the overlay that writes them)::
+entries (``medslim.bundle.workflows.distill_overlay`` writes them)::
 
-    "medslim_teacher": "$medslim.finetune.monai_kd.load_teacher(@medslim_teacher_def, @medslim_teacher_ckpt, @device)",
+    "+imports": ["$import medslim.finetune.monai_kd as medslim_kd"],
+    "medslim_teacher": "$medslim_kd.load_teacher(@medslim_teacher_def, @medslim_teacher_ckpt, @device)",
     "train#trainer#loss_function": {"_target_": "medslim.finetune.distill.DistillationLoss",
                                     "seg_loss": "@loss", "weight": 1.0, "temperature": 1.0},
     "+train#handlers": [{"_target_": "medslim.finetune.monai_kd.TeacherOutputs",
@@ -26,7 +27,8 @@ from medslim.finetune.distill import DistillationLoss, frozen_copy
 
 
 def load_teacher(network: nn.Module, checkpoint: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """The original network with its weights (a state dict file, strict), frozen, in eval mode.
+    """The original network with its weights (a state dict file, plain or under ``"model"``;
+    strict), frozen, in eval mode.
 
     Raises:
         MedslimError: the file is missing or its tensors do not match ``network``.
@@ -35,6 +37,8 @@ def load_teacher(network: nn.Module, checkpoint: str | Path, device: torch.devic
     if not path.is_file():
         raise MedslimError(f"teacher weights {path} do not exist; pass the original bundle's models/model.pt")
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # MONAI's CheckpointSaver
+        state = state["model"]
     try:
         network.load_state_dict(state)
     except RuntimeError as e:
