@@ -1,6 +1,6 @@
 """Build, train and evaluate medslim's reference MONAI bundle on MSD Task04 Hippocampus.
 
-Steps (``medslim.finetune.hippocampus_bundle`` builds, ``…hippocampus_bundle_run`` runs):
+Steps (``medslim.bundle.hippocampus`` builds, ``…hippocampus_run`` runs):
   1. build OUT from the configs of the model-zoo bundle ``spleen_ct_segmentation``
      (``../shared/data/monai_bundles/``, Apache-2.0), read now and changed by a small set of
      overrides (listed with their reasons in OUT/docs/README.md): the Hippocampus folder and the
@@ -32,8 +32,8 @@ import sys
 from pathlib import Path
 
 from medslim.errors import MedslimError
-from medslim.finetune import hippocampus_bundle as hb
-from medslim.finetune import hippocampus_bundle_run as run
+from medslim.bundle import hippocampus as hb
+from medslim.bundle import hippocampus_run as run
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

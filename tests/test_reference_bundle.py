@@ -17,7 +17,7 @@ import torch
 from conftest import HIPPO, REPO, SHARED, tree_digest
 
 from medslim.errors import MedslimError
-from medslim.finetune import hippocampus_bundle as hb
+from medslim.bundle import hippocampus as hb
 
 SCRIPT = REPO / "scripts" / "train_reference_bundle.py"
 SOURCE = SHARED / "monai_bundles" / "spleen_ct_segmentation"

@@ -1,4 +1,4 @@
-"""Run the reference MONAI bundle's own workflows (:mod:`medslim.finetune.hippocampus_bundle`
+"""Run the reference MONAI bundle's own workflows (:mod:`medslim.bundle.hippocampus`
 builds it): ``python -m monai.bundle run training`` and ``run evaluating`` in a new process from
 the bundle folder, their output echoed and saved under ``eval/``; then the test Dice (MONAI's
 ``MetricsSaver`` and medslim's evaluator on the saved label maps), recorded in
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from medslim.errors import MedslimError
-from medslim.finetune.hippocampus_bundle import RESULTS_BEGIN, RESULTS_END, case_name
+from medslim.bundle.hippocampus import RESULTS_BEGIN, RESULTS_END, case_name
 
 
 def limit(workflow: str, list_id: str, n: int | None) -> dict[str, str]:
