@@ -281,24 +281,33 @@ def export_bundle(
     out_console.print(f"wrote {bundle} (from {model}, fold {fold})", highlight=False, soft_wrap=True)
 
 
+# compress-bundle and bundle-config: settings without calibration images (weight-only criteria)
+_BUNDLE_DF = typer.Option(0.3, "--df", help="rank ratio DF in (0, 1] (thesis: 'downsampling factor')")
+_BUNDLE_PRUNE = typer.Option(0.5, "--prune", help="fraction ρ of channels removed per layer, in [0, 1)")
+_BUNDLE_CRITERION = typer.Option("hvs", "--criterion", help="hvs | nisp | l1 | l2 | consumer_l1 | norton | random")
+_BUNDLE_SEED = typer.Option(0, "--seed", help="seed (random criterion)")
+
+
+def _bundle_compression(df: float, prune: float, criterion: str, seed: int):
+    """The validated ``CompressConfig`` (a data-aware criterion is refused: no --calibration here)."""
+    from medslim.compress import CompressConfig
+    from medslim.score.registry import check_criterion
+
+    check_criterion(criterion, calibration=prune == 0)
+    return CompressConfig(df=df, prune_ratio=prune, criterion=criterion, seed=seed)
+
+
 @app.command("compress-bundle")
 def compress_bundle(
     bundle: Path = typer.Argument(..., help="MONAI bundle folder (configs/inference.json with a network_def of MONAI's UNet, SegResNet, DynUNet or BasicUNet; models/model.pt)"),
     output: Path = typer.Option(..., "-o", "--output", help="new bundle folder (must not exist)"),
-    df: float = typer.Option(0.3, "--df", help="rank ratio DF in (0, 1] (thesis: 'downsampling factor')"),
-    prune: float = typer.Option(0.5, "--prune", help="fraction ρ of channels removed per layer, in [0, 1)"),
-    criterion: str = typer.Option("hvs", "--criterion", help="hvs | nisp | l1 | l2 | consumer_l1 | norton | random"),
-    seed: int = typer.Option(0, "--seed", help="seed (random criterion)"),
+    df: float = _BUNDLE_DF, prune: float = _BUNDLE_PRUNE, criterion: str = _BUNDLE_CRITERION, seed: int = _BUNDLE_SEED,
 ) -> None:
     """Compress a MONAI bundle's network into a new bundle whose configs rebuild it
     (medslim.bundle.network.CompressedNetwork: the original network_def + the spec)."""
     from medslim.bundle.compress import compress_bundle as write_bundle
-    from medslim.compress import CompressConfig
-    from medslim.score.registry import check_criterion
 
-    check_criterion(criterion, calibration=prune == 0)  # no --calibration here: weight-only criteria
-    config = CompressConfig(df=df, prune_ratio=prune, criterion=criterion, seed=seed)
-    report = write_bundle(bundle, output, config, console=console)
+    report = write_bundle(bundle, output, _bundle_compression(df, prune, criterion, seed), console=console)
     print_report(report)
     if report["not_copied"]:
         out_console.print(f"not copied (weights of the original network): {', '.join(report['not_copied'])}",
@@ -309,20 +318,14 @@ def compress_bundle(
 @app.command("bundle-config")
 def bundle_config(
     output: Path = typer.Option(..., "-o", "--output", help="file to write, e.g. BUNDLE/configs/compress.json (must not exist)"),
-    df: float = typer.Option(0.3, "--df", help="rank ratio DF in (0, 1]"),
-    prune: float = typer.Option(0.5, "--prune", help="fraction ρ of channels removed per layer, in [0, 1)"),
-    criterion: str = typer.Option("hvs", "--criterion", help="a weight-only criterion (no calibration images)"),
-    seed: int = typer.Option(0, "--seed", help="seed (random criterion)"),
+    df: float = _BUNDLE_DF, prune: float = _BUNDLE_PRUNE, criterion: str = _BUNDLE_CRITERION, seed: int = _BUNDLE_SEED,
 ) -> None:
     """Write configs/compress.json for any MONAI bundle: then
     python -m monai.bundle run compress --config_file "['configs/inference.json','configs/compress.json']"
     writes BUNDLE_compressed (medslim_output overrides it)."""
     from medslim.bundle.workflows import compress_config
-    from medslim.compress import CompressConfig
-    from medslim.score.registry import check_criterion
 
-    check_criterion(criterion, calibration=prune == 0)
-    CompressConfig(df=df, prune_ratio=prune, criterion=criterion, seed=seed)  # refuse bad settings now
+    _bundle_compression(df, prune, criterion, seed)  # refuse bad settings now
     if output.exists():
         raise MedslimError(f"{output} already exists; remove it or choose another file")
     if not output.parent.is_dir():
