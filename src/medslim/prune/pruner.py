@@ -98,9 +98,10 @@ def prune_network(net: nn.Module, layers: Sequence[str], scores: Mapping[str, to
         counts = global_keep_counts(totals, ratio)
     else:
         counts = {name: keep_count(t.numel(), ratio) for name, t in totals.items()}
+    grouped_norms = any(isinstance(m, nn.GroupNorm) for m in net.modules())
     for name, members in groups.items():
-        keep = granule_top_k(totals[name], counts[name], channel_granule(graph, modules[name],
-                                                                         out_channel_fn(graph, modules[name])))
+        granule = channel_granule(graph, modules[name], out_channel_fn(graph, modules[name])) if grouped_norms else 1
+        keep = granule_top_k(totals[name], counts[name], granule)
         c = totals[name].numel()
         remove = sorted(set(range(c)) - set(keep.tolist()))
         if remove:
