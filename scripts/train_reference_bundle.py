@@ -31,7 +31,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from medslim.errors import MedslimError
+from medslim.errors import MedslimError, run_script
 from medslim.bundle import hippocampus as hb
 from medslim.bundle import hippocampus_run as run
 
@@ -75,10 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             raise MedslimError(f"{out} is not a trained bundle (no eval/train_summary.json)")
         training = json.loads((out / "eval" / "train_summary.json").read_text())
     else:
-        hb.build_bundle(out, args.source, args.data, args.split, args.epochs, args.seed, args.val_interval, args.channels)
-        hb.verify_metadata(out)
-        print(f"built {out} (verify_metadata passed)", flush=True)
-        training = run.train(out, args.epochs, args.seed, args.val_interval, args.train_cases, args.val_cases)
+        training = run.build_and_train(out, args.source, args.data, args.split, args.epochs, args.seed,
+                                       args.val_interval, args.channels, args.train_cases, args.val_cases)
     test = run.evaluate(out, args.data, args.test_cases)
     reproduce = shlex.join(["python", "scripts/train_reference_bundle.py", *(argv if argv is not None else sys.argv[1:])])
     if args.skip_training and (out / "eval" / "summary.json").is_file():  # keep the command that trained it
@@ -92,8 +90,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MedslimError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Sequence
+from typing import Callable, NoReturn, Sequence
 
 
 class MedslimError(Exception):
@@ -19,3 +19,15 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     """The first non-blank line of ``str(e)`` (at most ``limit`` characters), else the
     exception's type name: for one-line messages that quote a library's error."""
     return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)[:limit]
+
+
+def run_script(main: Callable[[], int]) -> NoReturn:
+    """A script's ``if __name__ == "__main__"``: exit with ``main()``'s code, or with code 2 and
+    one stderr line for a ``MedslimError`` (as the CLI does)."""
+    import sys
+
+    try:
+        sys.exit(main())
+    except MedslimError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

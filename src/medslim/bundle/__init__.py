@@ -3,7 +3,8 @@ MONAI's ``UNet``, ``SegResNet``, ``DynUNet`` or ``BasicUNet`` and writes a new b
 configs name ``CompressedNetwork`` (the original ``network_def`` + a compression spec).
 (``medslim.export.bundle`` is the other direction: an nnU-Net results folder as a bundle.)
 ``workflows``: bundle configs that run medslim in ``monai.bundle run``; ``hippocampus`` and
-``hippocampus_run``: the reference bundle (``scripts/train_reference_bundle.py``)."""
+``hippocampus_run``: the reference bundle (``scripts/train_reference_bundle.py``); ``bench``: the
+compressed bundle against its control fine-tune (``scripts/bench_bundle.py``)."""
 from medslim._lazy import lazy_exports
 
 __getattr__, __dir__ = lazy_exports(__name__, {

@@ -49,7 +49,8 @@ def shown(cmd: Sequence[str], bundle: Path) -> str:
 
 
 def run_workflow(bundle: Path, cmd: list[str], log: Path) -> float:
-    """Run ``cmd`` in ``bundle``, echo and save its output to ``log``; returns the wall time (s).
+    """Run ``cmd`` in ``bundle`` (``python -m MODULE …``: a bundle workflow, or a medslim command
+    run from that folder), echo and save its output to ``log``; returns the wall time (s).
 
     Raises:
         MedslimError: the workflow failed (the last lines of its output are in the message).
@@ -66,18 +67,22 @@ def run_workflow(bundle: Path, cmd: list[str], log: Path) -> float:
             f.write(line)
             lines = (lines + [line])[-20:]
     if proc.returncode:
-        raise MedslimError(f"{cmd[4]} failed (exit {proc.returncode}; log {log}): {''.join(lines)[-2000:]}")
+        raise MedslimError(f"{' '.join(cmd[2:5])} failed (exit {proc.returncode}; log {log}): "
+                           f"{''.join(lines)[-2000:]}")
     return time.perf_counter() - start
 
 
 def train(bundle: Path, epochs: int, seed: int, val_interval: int, train_cases: int | None = None,
-          val_cases: int | None = None) -> dict[str, Any]:
+          val_cases: int | None = None, config_files: Sequence[str] = ("configs/train.json",),
+          overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``run training`` with the budget and seed as overrides; returns the bundle's
-    ``eval/train_summary.json`` with the command and wall time added (and written back)."""
+    ``eval/train_summary.json`` with the command and wall time added (and written back).
+    ``config_files``: ``train.json`` and the overlays after it (``finetune.json``, …);
+    ``overrides``: further ``--id value`` pairs (e.g. ``medslim_kd_weight``)."""
     bundle = Path(bundle).resolve()
-    overrides = {"epochs": epochs, "seed": seed, "val_interval": val_interval,
+    overrides = {"epochs": epochs, "seed": seed, "val_interval": val_interval, **(overrides or {}),
                  **limit("train", "train_datalist", train_cases), **limit("validate", "val_datalist", val_cases)}
-    cmd = bundle_command("training", ["configs/train.json"], overrides)
+    cmd = bundle_command("training", list(config_files), overrides)
     wall = run_workflow(bundle, cmd, bundle / "eval" / "train_log.txt")
     summary_file = bundle / "eval" / "train_summary.json"
     if not (bundle / "models" / "model.pt").is_file() or not summary_file.is_file():
@@ -86,6 +91,19 @@ def train(bundle: Path, epochs: int, seed: int, val_interval: int, train_cases: 
               "command": shown(cmd, bundle)}
     summary_file.write_text(json.dumps(record, indent=1))
     return record
+
+
+def build_and_train(out: Path, source: Path, data_dir: Path, split_file: Path, epochs: int, seed: int,
+                    val_interval: int, channels: Sequence[int], train_cases: int | None = None,
+                    val_cases: int | None = None) -> dict[str, Any]:
+    """Build the reference bundle at ``out`` (:func:`~medslim.bundle.hippocampus.build_bundle`),
+    check its metadata offline, and train it (:func:`train`); returns the training record."""
+    from medslim.bundle import hippocampus as hb
+
+    hb.build_bundle(out, source, data_dir, split_file, epochs, seed, val_interval, channels)
+    hb.verify_metadata(out)
+    print(f"built {out} (verify_metadata passed)", flush=True)
+    return train(out, epochs, seed, val_interval, train_cases, val_cases)
 
 
 def monai_dice(raw_csv: Path, labels: Sequence[int]) -> dict[str, Any]:

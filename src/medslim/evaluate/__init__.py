@@ -9,6 +9,7 @@ from medslim._lazy import lazy_exports
 _EXPORTS = {
     "EvaluationResult": "command", "evaluate_command": "command",
     "evaluate_case": "folder", "evaluate_folder": "folder", "mean_dice_folder": "folder",
+    "score_cases": "folder",
     "dataset_json_class_map": "layouts", "total_class_map": "layouts",
     "ClassScores": "metrics", "dice_per_class": "metrics", "score_label_maps": "metrics",
     "markdown_table": "outputs", "summarize": "outputs",

@@ -222,6 +222,19 @@ def evaluate_folder(pred: str | Path, ref: str | Path, *, tolerance: float = 3.0
                                   workers=workers, console=console))
 
 
+def score_cases(pred: str | Path, ref: str | Path, cases: Sequence[str], labels: Sequence[int],
+                tolerance: float = 3.0) -> Table:
+    """Dice and NSD of the named ``<case>.nii.gz`` label maps in two folders (in this process),
+    rows as :func:`evaluate_case` (a :data:`~medslim.evaluate.outputs.Table`). Unlike
+    :func:`evaluate_folder`, other reference cases in ``ref`` are not required to have a prediction.
+
+    Raises:
+        MedslimError: a missing or unreadable file, shape/affine mismatch (see :func:`evaluate_case`).
+    """
+    data = Dataset("nnunet", tuple(Case(c, Path(pred) / f"{c}.nii.gz", Path(ref) / f"{c}.nii.gz") for c in cases), None)
+    return score_dataset(data, labels=list(labels), tolerance=tolerance, workers=1)
+
+
 def mean_dice_folder(pred: str | Path, ref: str | Path, cases: Sequence[str], labels: Sequence[int]) -> dict:
     """Dice of ``<case>.nii.gz`` label maps in two folders, aggregated as ``medslim evaluate``
     does (SPEC §7, :func:`~medslim.evaluate.outputs.summarize`): per case the mean over the
@@ -234,8 +247,7 @@ def mean_dice_folder(pred: str | Path, ref: str | Path, cases: Sequence[str], la
     Raises:
         MedslimError: a missing or unreadable file, shape/affine mismatch (see :func:`evaluate_case`).
     """
-    data = Dataset("nnunet", tuple(Case(c, Path(pred) / f"{c}.nii.gz", Path(ref) / f"{c}.nii.gz") for c in cases), None)
-    table = score_dataset(data, labels=list(labels), workers=1)
+    table = score_cases(pred, ref, cases, labels)
     summary = summarize(table, tolerance=3.0)
     per_case = {c: {} for c in cases}
     for case, label, dice in zip(table["case"].tolist(), table["class_id"].tolist(), table["dice"].tolist()):
