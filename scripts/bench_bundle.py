@@ -32,7 +32,7 @@ from pathlib import Path
 
 from train_reference_bundle import DATA, REPO, SOURCE, SPLIT, channels
 
-from medslim.bundle import bench
+from medslim.bundle import bench, bench_report
 from medslim.bundle import hippocampus as hb
 from medslim.bundle import hippocampus_run as run
 from medslim.errors import run_script
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.summary_only:
-        bench.write_results(args.out, json.loads((args.out / "results.json").read_text()))
+        bench_report.write_results(args.out, json.loads((args.out / "results.json").read_text()))
         print((args.out / "summary.md").read_text())
         return 0
     config = bench.BenchConfig(args.epochs, args.val_interval, tuple(args.seeds), args.df, args.prune, args.criterion,
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     results["reproduce"] = shlex.join(["python", "scripts/bench_bundle.py", *argv])
-    bench.write_results(args.out, results)
+    bench_report.write_results(args.out, results)
     print("\n" + (args.out / "summary.md").read_text())
     return 0
 

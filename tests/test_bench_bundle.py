@@ -15,7 +15,7 @@ import torch
 
 from conftest import REPO
 
-from medslim.bundle import bench
+from medslim.bundle import bench, bench_report
 from medslim.errors import MedslimError
 
 pytest.importorskip("ignite")
@@ -170,26 +170,26 @@ def _runs(control: list[float], compressed: list[float]) -> list[dict]:
 
 
 def test_verdict_and_paired_differences_on_three_seeds():
-    results = bench.compare(_runs([0.80, 0.82, 0.84], [0.795, 0.805, 0.835]))  # Δ -0.5, -1.5, -0.5 pp
+    results = bench_report.compare(_runs([0.80, 0.82, 0.84], [0.795, 0.805, 0.835]))  # Δ -0.5, -1.5, -0.5 pp
     delta = results["delta"]["dice_mean"]
     assert delta["per_seed"] == pytest.approx({"0": -0.005, "1": -0.015, "2": -0.005})
     assert delta["mean"] == pytest.approx(-0.025 / 3) and delta["sd"] == pytest.approx(0.01 / 3 ** 0.5)
     assert results["aggregate"]["control"]["dice_mean"] == pytest.approx({"mean": 0.82, "sd": 0.02, "n": 3})
     assert results["verdict"] == {"metric": "dice_mean", "margin_pp": 1.0, "n_seeds": 3, "within": True,
                                   "seeds_within": 2, "headline": True}
-    text = bench.verdict_text(results)
+    text = bench_report.verdict_text(results)
     assert text.startswith("The compressed bundle is within 1 pp Dice of the control (at most 1 pp below it): "
                            "its mean test Dice is "
                            "0.8117 ± 0.0208 against the control's 0.8200 ± 0.0200, a paired difference "
                            "(compressed − control) of -0.83 ± 0.58 pp over 3 seed(s)")
     assert "2 of 3 seed(s) are within" in text and "headline" not in text
 
-    worse = bench.compare(_runs([0.80, 0.82, 0.84], [0.78, 0.80, 0.82]))
+    worse = bench_report.compare(_runs([0.80, 0.82, 0.84], [0.78, 0.80, 0.82]))
     assert not worse["verdict"]["within"] and worse["verdict"]["seeds_within"] == 0
-    assert "is not within 1 pp" in bench.verdict_text(worse) and "-2.00 ± 0.00 pp" in bench.verdict_text(worse)
-    two = bench.compare(_runs([0.80, 0.82], [0.80, 0.82]))
+    assert "is not within 1 pp" in bench_report.verdict_text(worse) and "-2.00 ± 0.00 pp" in bench_report.verdict_text(worse)
+    two = bench_report.compare(_runs([0.80, 0.82], [0.80, 0.82]))
     assert two["verdict"]["within"] and not two["verdict"]["headline"]
-    assert "With 2 seed(s) this is not a headline number" in bench.verdict_text(two)
+    assert "With 2 seed(s) this is not a headline number" in bench_report.verdict_text(two)
 
 
 def test_settings_and_inputs_are_checked_before_any_work(tmp_path):
