@@ -148,6 +148,10 @@ def _large_files(bundle: Path) -> list[dict]:
 
 def test_metadata_verifies_offline(source, compressed):
     meta = json.loads((compressed / "configs" / "metadata.json").read_text())
+    readme = (compressed / "docs" / "README.md").read_text()
+    params = meta["medslim"]["report_summary"]["params"]
+    assert readme.startswith("# Compressed by medslim") and (source[0] / "docs" / "README.md").read_text() in readme
+    assert f"{params['original']:,} → {params['compressed']:,}" in readme and "finetune.json" in readme
     assert meta["version"] == "0.5.9+medslim" and "0.5.9+medslim" in meta["changelog"]
     assert meta["medslim"]["compression"] == json.loads(
         (compressed / "configs" / "inference.json").read_text())["network_def"]["compression"]

@@ -14,6 +14,7 @@ The new bundle is the input bundle's files, with::
     configs/finetune.json    if the source has train.json: overlays that fine-tune the compressed network
     configs/distill.json     with the bundle's own training workflow, with distillation from the original
                              (``medslim.bundle.workflows``)
+    docs/README.md           a section on the compression and the commands, above the source's text
 
 Other files in ``models/`` (ONNX, TensorRT, older checkpoints) hold the original network and are
 not copied. Written to a temporary sibling and renamed into place when complete; the input
@@ -106,10 +107,15 @@ def _write_bundle(tmp: Path, source: BundleSource, configs: dict[Path, dict[str,
         (tmp / "docs" / SCHEMA_NAME).write_text(SCHEMA_JSON)
     save_traced(net, torch.zeros(source.input_shape), meta, {source.config_path.stem: configs[source.config_path]},
                 tmp / "models" / "model.ts")
-    if any(p.stem == "train" for p in configs):  # overlays for the bundle's own training workflow
+    trainable = any(p.stem == "train" for p in configs)
+    if trainable:  # overlays for the bundle's own training workflow
         write_config(tmp / "configs" / FINETUNE_FILE, finetune_overlay())
         write_config(tmp / "configs" / DISTILL_FILE, distill_overlay(source.config["network_def"],
                                                                      source.folder / "models" / "model.pt"))
+    readme = tmp / "docs" / "README.md"
+    readme.parent.mkdir(exist_ok=True)
+    before = readme.read_text() if readme.is_file() else ""
+    readme.write_text(readme_section(meta, source.config_path.name, trainable) + "\n" + before)
     _check_written(tmp / source.config_path.relative_to(source.folder), net)
 
 
@@ -185,9 +191,35 @@ def compressed_metadata(source: BundleSource, spec: CompressionSpec, report: dic
         "report_summary": {k: report[k] for k in ("input_shape", "patch_source", "params", "flops", "settings")},
         "network_class": report["network_class"], "configs": report["configs"], "not_copied": report["not_copied"],
         "torchscript": "traced (torch.jit.trace) on one patch in eval mode",
-        "note": "eval_metrics and docs/ describe the source network; this one is compressed, not fine-tuned",
+        "note": "eval_metrics and the source part of docs/README.md describe the source network; this one is compressed, not fine-tuned",
     }
     return meta
+
+
+def readme_section(meta: dict[str, Any], inference: str, trainable: bool) -> str:
+    """What ``docs/README.md`` of the compressed bundle says first: what was compressed (from
+    ``meta["medslim"]``), how to run and fine-tune it; the source's text follows unchanged."""
+    m = meta["medslim"]
+    params, flops, s = m["report_summary"]["params"], m["report_summary"]["flops"], m["report_summary"]["settings"]
+    lines = [
+        "# Compressed by medslim", "",
+        f"From `{m['source_bundle']}` (version {m['source_version']}): `network_def` is "
+        f"`{COMPRESSED_TARGET}` (the original `network_def` + the compression spec); "
+        f"DF {s['df']}, prune ratio {s['prune_ratio']}, criterion {s['criterion']}.", "",
+        f"- parameters: {params['original']:,} → {params['compressed']:,} ({params['ratio']:.2f}× fewer)",
+        f"- FLOPs per patch {m['report_summary']['input_shape']}: {flops['original']:,} → {flops['compressed']:,} "
+        f"({flops['ratio']:.2f}× fewer)", "",
+        "**Not fine-tuned:** the accuracy below this section (and `eval_metrics` in `configs/metadata.json`) "
+        "is the source network's.", "",
+        f"    python -m monai.bundle run --config_file configs/{inference}",
+    ]
+    if trainable:
+        lines += ["", "Fine-tune with this bundle's own training workflow (distillation from the original: add "
+                      f"`configs/{DISTILL_FILE}`, set `--medslim_kd_weight`):", "",
+                  f"    python -m monai.bundle run --config_file \"['configs/train.json','configs/{FINETUNE_FILE}']\"",
+                  f"    python -m monai.bundle run --config_file \"['configs/train.json','configs/{FINETUNE_FILE}',"
+                  f"'configs/{DISTILL_FILE}']\""]
+    return "\n".join(lines) + "\n\n---\n"
 
 
 def _drop_model_downloads(folder: Path) -> None:
