@@ -39,7 +39,8 @@ from medslim.bundle.source import (CONFIG_SUFFIXES, BundleSource, build_from_con
 from medslim.bundle.workflows import DISTILL_FILE, FINETUNE_FILE, distill_overlay, finetune_overlay
 from medslim.compress import CompressConfig
 from medslim.errors import MedslimError
-from medslim.export.bundle import save_traced, package_versions
+from medslim.export.bundle import save_traced
+from medslim.export.versions import package_versions
 from medslim.export.bundle_schema import SCHEMA_JSON, SCHEMA_NAME
 from medslim.spec import CompressionSpec
 

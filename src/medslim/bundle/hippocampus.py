@@ -24,13 +24,13 @@ import copy
 import json
 import math
 from collections.abc import Mapping, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from medslim.atomic import atomic_folder
 from medslim.errors import MedslimError
 from medslim.export.bundle_schema import SCHEMA_JSON, SCHEMA_NAME, SCHEMA_URL
+from medslim.export.versions import package_versions
 
 
 class _Removed:
@@ -260,13 +260,6 @@ INFERENCE_EDITS = {"preprocessing#transforms": PREPROCESSING_EDITS}
 # Building the bundle
 # ---------------------------------------------------------------------------------------------
 
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def datalists(split_file: Path, data_dir: Path) -> dict[str, list[dict[str, str]]]:
     """``{"training", "validation", "test"}`` → ``[{"image", "label"}]`` (paths relative to
     ``data_dir``) from the split's ``folds[0]`` and ``test``.
@@ -312,7 +305,7 @@ def metadata(source: dict[str, Any], labels: Mapping[str, str], data_source: str
         "monai_version": (monai.__version__, ""),
         "pytorch_version": (torch.__version__.split("+")[0], ""),
         "numpy_version": (numpy.__version__, ""),
-        "optional_packages_version": ({p: _version(p) for p in ("nibabel", "pytorch-ignite")}, ""),
+        "optional_packages_version": (package_versions(("nibabel", "pytorch-ignite")), ""),
         "name": ("Hippocampus MR segmentation (medslim reference)", ""),
         "task": ("Decathlon hippocampus segmentation (anterior and posterior hippocampus)", ""),
         "description": ("MONAI UNet for 3D segmentation of the anterior and posterior hippocampus in MR, trained "

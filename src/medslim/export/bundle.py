@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +26,11 @@ from medslim.atomic import atomic_folder, check_output_parent
 from medslim.errors import MedslimError, first_line
 from medslim.export.bundle_config import DIFFERENCES, inference_config
 from medslim.export.bundle_schema import SCHEMA_JSON, SCHEMA_NAME, SCHEMA_URL
+from medslim.export.versions import package_versions
 from medslim.network import is_compressed
 from medslim.load.nnunet import NnUNetModel, load_results_folder
 
 PACKAGES = ("medslim", "dynamic-network-architectures", "torch-pruning", "nibabel")
-
-
-def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
-    """``{package: installed version}`` (``"unknown"`` if not installed), for bundle metadata."""
-    def installed(package: str) -> str:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return "unknown"
-
-    return {p: installed(p) for p in packages}
 
 
 def _report_summary(folder: Path) -> dict[str, Any] | None:
@@ -65,7 +54,7 @@ def metadata(model: NnUNetModel) -> dict[str, Any]:
               if isinstance(v, int) and 0 <= v < model.num_classes}  # drops nnU-Net's ignore label
     ct = model.configuration["normalization_schemes"][0] == "CTNormalization"
     patch = list(model.patch_size)
-    packages = package_versions()
+    packages = package_versions(PACKAGES)
     name = model.dataset_json.get("name", model.folder.parent.name or model.folder.name)
     return {
         "schema": SCHEMA_URL,

@@ -10,7 +10,8 @@ registration order in every family supported.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
 from torch import nn
@@ -48,6 +49,14 @@ class Family:
         """Within the block, ``net`` (in eval mode) runs every head, deep supervision included,
         so that a trace sees the heads' inputs."""
         yield
+
+
+def strides_product(net: nn.Module, strides: Sequence[int | Sequence[int]]) -> list[int]:
+    """Per spatial axis, the product of downsampling ``strides`` (each an int or one per axis;
+    the axes are those of ``net``'s first convolution)."""
+    ndim = next(m for m in net.modules() if isinstance(m, _ConvNd)).weight.dim() - 2
+    per_axis = [list(s) if isinstance(s, (list, tuple)) else [int(s)] * ndim for s in strides]
+    return [math.prod(int(s[d]) for s in per_axis) for d in range(ndim)]
 
 
 def under(name: str, prefixes: list[str] | tuple[str, ...]) -> bool:

@@ -12,14 +12,13 @@ strides (``UNet``, ``DynUNet``), ``2^(len(blocks_down) − 1)`` (``SegResNet``),
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from medslim.families.base import Family, under
+from medslim.families.base import Family, strides_product, under
 
 #: the classes this adapter knows, by ``type(net).__name__`` (checked with their module path)
 CLASSES = ("UNet", "SegResNet", "DynUNet", "BasicUNet")
@@ -27,11 +26,6 @@ CLASSES = ("UNet", "SegResNet", "DynUNet", "BasicUNet")
 
 def _convs_under(net: nn.Module, prefixes: list[str]) -> list[str]:
     return [n for n, m in net.named_modules() if isinstance(m, _ConvNd) and under(n, prefixes)]
-
-
-def _strides_product(strides, ndim: int) -> list[int]:
-    per_axis = [list(s) if isinstance(s, (list, tuple)) else [int(s)] * ndim for s in strides]
-    return [math.prod(int(s[d]) for s in per_axis) for d in range(ndim)]
 
 
 class MonaiFamily(Family):
@@ -57,9 +51,8 @@ class MonaiFamily(Family):
 
     def input_multiple(self, net: nn.Module) -> list[int] | int:
         kind = type(net).__name__
-        ndim = next(m for m in net.modules() if isinstance(m, _ConvNd)).weight.dim() - 2
         if kind in ("UNet", "DynUNet"):
-            return _strides_product(net.strides, ndim)
+            return strides_product(net, net.strides)
         if kind == "SegResNet":
             return 2 ** (len(net.blocks_down) - 1)
         return 16

@@ -4,13 +4,12 @@ medslim's ``CompressedUNet``: heads ``decoder.seg_layers.<i>``, deep supervision
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 from collections.abc import Iterator
 
 from torch import nn
 
-from medslim.families.base import Family
+from medslim.families.base import Family, strides_product
 
 _SEG_LAYER = re.compile(r"(?:^|\.)decoder\.seg_layers\.(\d+)$")
 
@@ -31,9 +30,7 @@ class NnUNetFamily(Family):
         strides = getattr(net.encoder, "strides", None)
         if strides is None:
             return None
-        ndim = next(m for m in net.modules() if hasattr(m, "kernel_size") and hasattr(m, "weight")).weight.dim() - 2
-        per_axis = [list(s) if isinstance(s, (list, tuple)) else [int(s)] * ndim for s in strides]
-        return [math.prod(int(s[d]) for s in per_axis) for d in range(ndim)]
+        return strides_product(net, strides)
 
     @contextlib.contextmanager
     def all_heads_active(self, net: nn.Module) -> Iterator[None]:
