@@ -63,7 +63,7 @@ def test_teacher_errors(tmp_path):
     with pytest.raises(MedslimError, match="do not exist"):
         load_teacher(_unet(0), tmp_path / "missing.pt")
     torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pt")
-    with pytest.raises(MedslimError, match="do not match"):
+    with pytest.raises(MedslimError, match="does not match the teacher"):
         load_teacher(_unet(0), tmp_path / "bad.pt")
     with pytest.raises(MedslimError, match="DistillationLoss"):
         TeacherOutputs(_unet(0), torch.nn.MSELoss())

@@ -264,7 +264,7 @@ def _check_written(config_path: Path, net: CompressedNetwork) -> None:
 
     try:
         rebuilt = build_from_config(ConfigParser(load_config(config_path)), config_path)
-        load_weights(rebuilt, config_path.parent.parent / "models" / "model.pt", config_path)
+        load_weights(rebuilt, config_path.parent.parent / "models" / "model.pt", f"network_def of {config_path}")
     except MedslimError as e:
         raise RuntimeError(f"the written bundle does not rebuild its network: {e}") from e
     x = example_input(net.network, input_channels(net.network))

@@ -77,7 +77,7 @@ def read_bundle(folder: str | Path) -> BundleSource:
     parser = ConfigParser(copy.deepcopy(config))  # ConfigParser changes the dicts it is given
     parser.read_meta(copy.deepcopy(metadata))
     network = _supported_network(parser, config_path)
-    weights_key = load_weights(network, folder / "models" / "model.pt", config_path)
+    weights_key = load_weights(network, folder / "models" / "model.pt", f"network_def of {config_path}")
     patch, patch_source = _patch_size(parser, network)
     return BundleSource(folder, config_path, config, metadata, network.eval(), weights_key, patch, patch_source)
 
@@ -126,9 +126,10 @@ def _supported_network(parser: Any, config_path: Path) -> nn.Module:
     return net
 
 
-def load_weights(net: nn.Module, path: Path, config_path: Path) -> str | None:
+def load_weights(net: nn.Module, path: Path, target: str) -> str | None:
     """Load ``path`` into ``net`` strictly: a state dict, or one nested under ``"model"``
-    (MONAI's ``CheckpointSaver``). Returns that key (or ``None``).
+    (MONAI's ``CheckpointSaver``). Returns that key (or ``None``). ``target`` names ``net`` in
+    the error (e.g. ``"network_def of configs/inference.json"``).
 
     Raises:
         MedslimError: unreadable file, not a state dict, or keys/shapes that differ from ``net``'s.
@@ -143,7 +144,7 @@ def load_weights(net: nn.Module, path: Path, config_path: Path) -> str | None:
         raise MedslimError(f"{path} is not a state dict (nor one under 'model')")
     problem = state_dict_mismatch(net.state_dict(), state)
     if problem:
-        raise MedslimError(f"{path} does not match network_def of {config_path} ({type(net).__name__}): {problem}")
+        raise MedslimError(f"{path} does not match {target} ({type(net).__name__}): {problem}")
     net.load_state_dict(state, strict=True)
     return key
 

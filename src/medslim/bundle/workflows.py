@@ -95,5 +95,5 @@ def with_weights(network: nn.Module, path: str | Path) -> nn.Module:
     """``network`` with the state dict at ``path`` loaded strictly (plain, or under ``"model"``)."""
     from medslim.bundle.source import load_weights
 
-    load_weights(network, Path(path), Path("network_def"))
+    load_weights(network, Path(path), "network_def")
     return network

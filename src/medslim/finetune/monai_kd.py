@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medslim.bundle.source import load_weights
 from medslim.errors import MedslimError
 from medslim.finetune.distill import DistillationLoss, frozen_copy
 
@@ -36,14 +37,7 @@ def load_teacher(network: nn.Module, checkpoint: str | Path, device: torch.devic
     path = Path(checkpoint)
     if not path.is_file():
         raise MedslimError(f"teacher weights {path} do not exist; pass the original bundle's models/model.pt")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # MONAI's CheckpointSaver
-        state = state["model"]
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise MedslimError(f"teacher weights {path} do not match the teacher's network_def ({first})") from e
+    load_weights(network, path, "the teacher's network_def")
     return frozen_copy(network).to(device)
 
 
