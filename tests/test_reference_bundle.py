@@ -17,7 +17,7 @@ import torch
 from conftest import HIPPO, REPO, SHARED, tree_digest
 
 from medslim.errors import MedslimError
-from medslim.bundle import hippocampus as hb
+from medslim.bundle import config_edit, hippocampus as hb
 
 SCRIPT = REPO / "scripts" / "train_reference_bundle.py"
 SOURCE = SHARED / "monai_bundles" / "spleen_ct_segmentation"
@@ -160,16 +160,16 @@ def test_edits_are_checked_against_the_source():
     transforms = [{"_target_": "LoadImaged", "keys": ["image", "label"]},
                   {"_target_": "Spacingd", "keys": ["image", "label"], "pixdim": [1.5, 1.5, 2.0]},
                   {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -57}]
-    edited = hb.edit_components(transforms, hb.PREPROCESSING_EDITS)
+    edited = config_edit.edit_components(transforms, hb.PREPROCESSING_EDITS)
     assert [t["_target_"] for t in edited] == ["LoadImaged", "DivisiblePadd", "NormalizeIntensityd"]
     assert edited[1] == {"_target_": "DivisiblePadd", "keys": ["image", "label"], "k": 16}
     assert edited[2]["keys"] == "image" and "a_min" not in edited[2]
     with pytest.raises(MedslimError, match="no ScaleIntensityRanged, Spacingd in the source list"):
-        hb.edit_components(transforms[:1], hb.PREPROCESSING_EDITS)
+        config_edit.edit_components(transforms[:1], hb.PREPROCESSING_EDITS)
     config = {"train": {"dataset": {"cache_rate": 1.0}}, "validate#dataset#cache_rate": 0}
-    out = hb.apply_overrides(config, {"train#dataset#cache_rate": (0.5, ""), "validate#dataset#data": ("$x", "")},
-                             overlay=True)
+    out = config_edit.apply_overrides(config, {"train#dataset#cache_rate": (0.5, ""), "validate#dataset#data": ("$x", "")},
+                                     overlay=True)
     assert out == {"train": {"dataset": {"cache_rate": 0.5}}, "validate#dataset#cache_rate": 0,
                    "validate#dataset#data": "$x"}
     with pytest.raises(MedslimError, match="'trian' is not in the source config"):
-        hb.apply_overrides(config, {"trian#dataset#cache_rate": (0.5, "")})
+        config_edit.apply_overrides(config, {"trian#dataset#cache_rate": (0.5, "")})
