@@ -224,9 +224,10 @@ def test_control_matches_seed_and_finetune_settings():
     cells = pd.DataFrame([row("ctl_a", "control", 0), row("ctl_b", "control", 0, lr=1e-5),
                           row("ctl_c", "control", 1, kd_weight=0.5),
                           row("x", "compressed", 0, lr=1e-5, df=0.3),  # same fine-tune as ctl_b
-                          row("y", "compressed", 0, lr=3e-3),  # no exact match: first control of seed 0
-                          row("z", "compressed", 1), row("w", "compressed", 7)])
-    assert match_controls(cells).tolist() == ["ctl_a", "ctl_b", "ctl_c", "ctl_b", "ctl_a", "ctl_c", None]
+                          row("y", "compressed", 0, lr=3e-3),  # no control with its fine-tune: none
+                          row("z", "compressed", 1, kd_weight=0.5), row("w", "compressed", 7),
+                          row("v", "compressed", 1)])  # seed 1's control has another fine-tune: none
+    assert match_controls(cells).tolist() == ["ctl_a", "ctl_b", "ctl_c", "ctl_b", None, "ctl_c", None, None]
 
 
 def test_pareto_mask_constructed_case():

@@ -49,9 +49,10 @@ class Sweep:
 
     @property
     def seeds(self) -> list[int]:
-        """``sweep.json``'s seeds, else the cells' seeds."""
-        seeds = self.meta.get("seeds")
-        return list(seeds) if isinstance(seeds, list) else sorted({int(s) for s in self.cells["seed"]})
+        """The seeds of the cells (not ``sweep.json``'s: several sweep files may run in one folder)."""
+        if self.cells.empty:
+            return []
+        return sorted({int(s) for s, k in zip(self.cells["seed"], self.cells["kind"]) if k != "original"})
 
     def counts(self) -> dict[str, int]:
         """Cells per status: ``{"ok": n, "failed": n, "pending": n}``."""
@@ -174,17 +175,16 @@ def finetune_key(settings: Mapping[str, Any]) -> tuple:
 
 def match_controls(cells: pd.DataFrame) -> pd.Series:
     """For each cell, the id of its control (or None): the finished ``control`` cell with the same
-    seed and the same fine-tune settings, else the first finished control with the same seed.
+    seed and the same fine-tune settings. A control of another fine-tune is no control (the Δ
+    would mix the method with the budget), so a cell whose own control is not finished has none.
     A control is its own control (Δ = 0)."""
     controls = cells[(cells["kind"] == "control") & (cells["status"] == "ok")]
 
     def pick(seed: int, settings: Mapping[str, Any]) -> str | None:
         same_seed = controls[controls["seed"] == seed]
-        if same_seed.empty:
-            return None
         key = finetune_key(settings)
         exact = same_seed[[finetune_key(s) == key for s in same_seed["settings"]]]
-        return str((exact if len(exact) else same_seed)["id"].iloc[0])
+        return str(exact["id"].iloc[0]) if len(exact) else None
 
     return pd.Series([pick(s, st) for s, st in zip(cells["seed"], cells["settings"])], index=cells.index,
                      dtype=object)

@@ -90,6 +90,7 @@ def build_blocks(sweep: Sweep, within_pp: float = 1.0) -> list[Block]:
     ]
     settings = {k: sweep.meta[k] for k in ("grid", "finetune") if k in sweep.meta}
     if settings:
+        blocks.append(Paragraph(f"Settings of the last sweep file run in this folder ({sweep.name}):"))
         blocks.append(Code(json.dumps(settings, indent=1, sort_keys=True)))
     if sweep.cells.empty:
         return blocks + [Paragraph("The sweep has no cells yet.")]
@@ -97,8 +98,8 @@ def build_blocks(sweep: Sweep, within_pp: float = 1.0) -> list[Block]:
         blocks.append(Paragraph("No cell has finished yet: there are no scores to report."))
     blocks.append(Paragraph(
         "Scores are fractions (Dice 0.87); Δ = cell − its control, in percentage points (pp), where the "
-        "control is the control cell of the same seed with the same fine-tune settings (else of the same "
-        "seed). Group statistics are mean ± sample std over the finished seeds; Δ are paired by seed."))
+        "control is the control cell of the same seed with the same fine-tune settings (— while that one "
+        "is not finished). Group statistics are mean ± sample std over the finished seeds; Δ are paired by seed."))
     deltas = paired_deltas(sweep.cells)
     groups = group_summary(deltas, within_pp)
     blocks += [Heading(2, "Cells"), Table(cells_table(deltas))]
