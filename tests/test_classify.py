@@ -195,3 +195,33 @@ def test_evaluate_matches_argmax():
     out = evaluate(model, ds, batch_size=20)
     assert out["n"] == 64 and out["accuracy"] == pytest.approx(float((pred == ds.labels).float().mean()))
     assert 0.0 <= out["auc"] <= 1.0
+
+
+def test_small_input_resnet_keeps_spatial_detail_and_round_trips(tmp_path):
+    from medslim.prune.classifier import prune_classifier
+
+    torch.manual_seed(0)
+    x = load_medmnist(BREAST, "test").images[:2]
+    maps = {}
+    for arch in ("resnet18", "resnet18_28"):
+        model = build_classifier(arch, 2).eval()
+        model.layer4.register_forward_hook(lambda m, i, o, a=arch: maps.__setitem__(a, tuple(o.shape[-2:])))
+        model(x)
+    assert maps == {"resnet18": (1, 1), "resnet18_28": (4, 4)}  # MedMNIST v2's ResNet (28) keeps 4×4 maps
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    back = build_classifier(str(save_classifier(model, tmp_path / "m.pt", "resnet18_28", 2)), 2).eval()
+    assert torch.equal(model(x), back(x))
+    pruned, report = prune_classifier(model, 0.5, "hvs", (1, 3, 28, 28))
+    assert report.param_reduction > 0.5 and pruned(x).shape == (2, 2)
+    with pytest.raises(MedslimError, match="did you mean 'resnet18_28'"):
+        build_classifier("resnet18_82", 2)
+
+
+def test_fit_with_validation_keeps_the_best_epoch():
+    train, val = load_medmnist(BREAST, "train").subset(64), load_medmnist(BREAST, "val").subset(48)
+    torch.manual_seed(0)
+    model = build_classifier("resnet18", 2)
+    history = fit(model, train, TrainConfig(epochs=4, lr=0.05, milestones=(), seed=1, batch_size=16), val_ds=val)
+    aucs = [v["auc"] for v in history["val"]]
+    assert len(aucs) == 4 and history["best_epoch"] == int(np.argmax(aucs))
+    assert evaluate(model, val) == history["val"][history["best_epoch"]]  # the best epoch's weights are back

@@ -168,3 +168,6 @@ def test_sweep_runs_cells_as_ray_tasks_and_skips_finished_ones(tmp_path, hippoca
     assert json.loads((out / "cells" / "original" / "result.json").read_text())["status"] == "ok"
     again = runner.invoke(app, ["sweep", str(path), "-o", str(out), "--dry-run"])
     assert "finished  original" in again.output and "pending   compressed__df-0.3__s3" in again.output
+    only = runner.invoke(app, ["sweep", str(path), "-o", str(out), "--dry-run", "--only", "original"])
+    assert "left out  compressed__df-0.3__s3" in only.output and "finished  original" in only.output
+    assert "2 cells, 0 to run" in only.output

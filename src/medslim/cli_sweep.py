@@ -23,14 +23,18 @@ def sweep(
     with the controls (original, original + same fine-tune, the small architecture from
     scratch at the same and the full budget). Finished cells are never recomputed."""
     from medslim.sweep import load_sweep, run_sweep
+    from medslim.sweep.cell import RESULT
     from medslim.sweep.runner import plan_cells
 
     spec = load_sweep(sweep_file)
     if dry_run:
-        cells, todo = plan_cells(spec, output.expanduser().resolve(), only or ())
+        folder = output.expanduser().resolve()
+        cells, todo = plan_cells(spec, folder, only or ())
         pending = {c.id for c in todo}
         for cell in cells:
-            out_console.print(f"{'pending ' if cell.id in pending else 'finished'}  {cell.id}")
+            done = (folder / "cells" / cell.id / RESULT).is_file()
+            status = "finished" if done else "pending " if cell.id in pending else "left out"  # by --only
+            out_console.print(f"{status}  {cell.id}")
         out_console.print(f"{len(cells)} cells, {len(pending)} to run")
         return
     summary = run_sweep(spec, output.expanduser(), executor=executor, address=address, cpus_per_cell=cpus_per_cell,

@@ -3,6 +3,8 @@
 ``source`` forms accepted by :func:`build_classifier`:
 
 - ``resnet18`` | ``resnet50`` | ``vgg16`` (and any other torchvision classifier name): random init;
+- ``resnet18_28`` | ``resnet34_28`` | ``resnet50_28``: MedMNIST v2's "ResNet (28)" for 28×28 inputs
+  (a 3×3 stride-1 stem and no max-pool), random init;
 - ``torchvision:<name>``: ImageNet weights, only if already in the torch hub cache (never downloads);
 - ``timm:<name>``: a timm model, ``pretrained=False``;
 - a path to a ``.pt`` file written by :func:`save_classifier` (state_dict + metadata, no pickle).
@@ -21,6 +23,9 @@ from medslim.errors import MedslimError, did_you_mean
 
 CHECKPOINT_FORMAT = "medslim-classifier/1"
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "vgg11", "vgg16", "vgg16_bn")
+# torchvision's stem (7×7 stride 2 + max-pool) leaves 1×1 maps in layer4 at 28×28; MedMNIST v2
+# (Yang et al. 2023) trains its "ResNet (28)" baselines with this stem instead
+SMALL_INPUT_ARCHS = ("resnet18_28", "resnet34_28", "resnet50_28")
 
 
 def head_name(model: nn.Module) -> str:
@@ -96,11 +101,17 @@ def _build_arch(source: str, num_classes: int, in_channels: int, pretrained: boo
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
     import torchvision
 
+    if source in SMALL_INPUT_ARCHS:
+        model = _build_arch(source[: -len("_28")], num_classes, in_channels, pretrained=False)
+        model.conv1 = nn.Conv2d(in_channels, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+        return model
     tv = source[len("torchvision:"):] if source.startswith("torchvision:") else source
     available = torchvision.models.list_models(module=torchvision.models)
     if tv not in available:
-        raise MedslimError(f"unknown model source '{source}'{did_you_mean(tv, TORCHVISION_ARCHS)}; use "
-                           "resnet18 | resnet50 | vgg16 | torchvision:<name> | timm:<name> | a .pt checkpoint")
+        known = TORCHVISION_ARCHS + SMALL_INPUT_ARCHS
+        raise MedslimError(f"unknown model source '{source}'{did_you_mean(tv, known)}; use resnet18 | resnet18_28 | "
+                           "resnet50 | vgg16 | torchvision:<name> | timm:<name> | a .pt checkpoint")
     model = torchvision.models.get_model(tv, weights=None)
     if source.startswith("torchvision:") and pretrained:
         model.load_state_dict(_cached_torchvision_state(tv))

@@ -114,16 +114,20 @@ def _loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoade
 
 
 def fit(model: nn.Module, train_ds: Dataset, config: TrainConfig, trainable: set[str] | None = None,
-        source_state: dict[str, Tensor] | None = None, progress: Progress | None = None) -> dict:
+        source_state: dict[str, Tensor] | None = None, progress: Progress | None = None,
+        val_ds: Dataset | None = None) -> dict:
     """Train ``model`` in place with cross-entropy on ``train_ds`` (items ``([C, H, W], label)``).
 
     Args:
         trainable: parameter-name prefixes to train (``None`` = all); see the module docstring.
         source_state: ``w⁰`` for L2-SP (required when ``config.l2sp_alpha > 0``).
         progress: called after every batch with ``(epoch, batch, batches, loss)``.
+        val_ds: scored after every epoch; the model ends with the weights of the epoch with the
+            best validation AUC (accuracy when AUC is undefined), MedMNIST v2's model selection.
 
     Returns:
-        ``{"loss": [per-epoch mean], "lr": [per-epoch], "steps", "seconds", "trainable_params"}``.
+        ``{"loss": [per-epoch mean], "lr": [per-epoch], "steps", "seconds", "trainable_params"}``,
+        plus ``"val"`` (per-epoch :func:`evaluate`) and ``"best_epoch"`` (0-based) with ``val_ds``.
 
     Raises:
         MedslimError: an unknown trainable prefix, L2-SP without ``source_state``, empty data.
@@ -158,6 +162,7 @@ def fit(model: nn.Module, train_ds: Dataset, config: TrainConfig, trainable: set
     l2sp = config.l2sp_alpha > 0 or config.l2sp_beta > 0
     loader = _loader(train_ds, config.batch_size, True, config.seed)
     loss_fn = nn.CrossEntropyLoss()
+    best: tuple[float, dict[str, Tensor]] | None = None
     start = time.perf_counter()
     try:
         for epoch in range(config.epochs):
@@ -180,6 +185,15 @@ def fit(model: nn.Module, train_ds: Dataset, config: TrainConfig, trainable: set
                     progress(epoch, b, len(loader), losses[-1])
             sched.step()
             history["loss"].append(float(np.mean(losses)))
+            if val_ds is not None:
+                scores = evaluate(model, val_ds)
+                history.setdefault("val", []).append(scores)
+                key = scores["auc"] if scores["auc"] is not None else scores["accuracy"]
+                if best is None or key > best[0]:
+                    best = (key, {k: v.detach().clone() for k, v in model.state_dict().items()})
+                    history["best_epoch"] = epoch
+        if best is not None:
+            model.load_state_dict(best[1])
     finally:
         history["seconds"] = time.perf_counter() - start
         model.eval()
