@@ -142,6 +142,9 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
             if cfg.dprp and "--val" not in sys.argv:
                 raise MedslimError("DPRP cannot continue a run (--c): its checkpoints before the end hold SVD factors "
                                    "that no plans rebuild; start the run again")
+            if not cfg.can_continue and "--val" not in sys.argv:
+                raise MedslimError("cannot continue a run (--c) with a regulariser or with stages: the checkpoints "
+                                   "do not hold their state; start the run again")
             saved = join(self.output_folder_base, "plans.json")
             if cfg.compress or cfg.dprp:
                 if not isfile(saved):

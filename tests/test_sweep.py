@@ -3,6 +3,7 @@ cells and controls from a grid, resuming without recomputing, a failing cell rec
 the others complete, Ray execution, and the report over the result."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -140,6 +141,50 @@ def test_interrupted_sweep_resumes_without_recomputing(tmp_path, hippocampus_nnu
     assert report.exit_code == 0, report.output
     md = (out / "report.md").read_text()
     assert all(cell_id in md for cell_id in results)
+
+
+@pytest.mark.slow
+def test_stopped_cell_goes_on_from_its_last_checkpoint(tmp_path, hippocampus_nnunet):
+    import torch
+
+    from medslim.sweep.data import prepare
+
+    work, _ = hippocampus_nnunet
+    finetune = {"schedule": "nnunet", "epochs": 2, "iterations": 2, "val_iterations": 1, "save_every": 1}
+    spec = load_sweep(sweep_file(tmp_path, work, finetune=finetune, grid={"df": [0.3]}, controls=[]))
+    ctx = prepare(spec, tmp_path / "sweep")
+    cell = next(c for c in expand(spec) if c.kind == "compressed")
+    out = tmp_path / "cell"
+    out.mkdir()
+    first = train_cell(cell, ctx, out)
+    fold = Path(first["folder"]) / "fold_0"
+    assert first["resumed_at_epoch"] is None
+    # leave the files a run stopped after its first epoch leaves: checkpoint_latest.pth at epoch 1
+    saved = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    saved["current_epoch"] = 1
+    saved["logging"] = {k: v[:1] for k, v in saved["logging"].items()}
+    torch.save(saved, fold / "checkpoint_latest.pth")
+    (fold / "checkpoint_final.pth").unlink()
+    second = train_cell(cell, ctx, out)
+    assert second["resumed_at_epoch"] == 1
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 2 and len(final["logging"]["epoch_end_timestamps"]) == 2
+    assert second["train_seconds"] > saved["logging"]["epoch_end_timestamps"][0] - saved["logging"]["epoch_start_timestamps"][0]
+    assert (out / "train.log").read_text().count("Epoch 0") == 1  # one log, the first attempt kept
+    # another definition of the cell starts again instead of mixing two runs
+    changed = dataclasses.replace(cell, settings={**cell.settings, "lr": cell.settings.get("lr", 0.01) / 2})
+    (fold / "checkpoint_final.pth").rename(fold / "checkpoint_latest.pth")
+    assert train_cell(changed, ctx, out)["resumed_at_epoch"] is None
+
+
+def test_only_runs_whose_state_the_checkpoints_hold_can_continue():
+    from medslim.finetune.config import config_from_dict
+
+    assert config_from_dict({"df": 0.3}, "t").can_continue
+    assert config_from_dict({"compress": False, "kd_weight": 1.0}, "t").can_continue
+    for settings in ({"compress": False, "regularizer": "serene"}, {"compress": False, "dprp": True},
+                     {"df": 0.3, "epochs": 4, "steps": 2}):
+        assert not config_from_dict(settings, "t").can_continue, settings
 
 
 @pytest.mark.slow

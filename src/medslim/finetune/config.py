@@ -162,6 +162,13 @@ class FinetuneConfig(CompressionSettings):
         if self.dprp and self.regularizer != "none":
             raise MedslimError(f"dprp with regularizer '{self.regularizer}' is not supported; use one of them")
 
+    @property
+    def can_continue(self) -> bool:
+        """Whether a stopped run can go on from its last checkpoint (``nnUNetv2_train --c``) with
+        nothing lost. Not with a regulariser (its masks and validation-loss history), DPRP (its
+        SVD factors) or stages (the stage schedule): the checkpoints do not hold them."""
+        return self.regularizer == "none" and not self.dprp and self.steps == 1
+
     def compression(self) -> CompressConfig:
         """The ``CompressConfig`` these settings describe (the trainers feed data-aware
         criteria with ``calibration_batches`` training batches)."""

@@ -37,28 +37,38 @@ def write_json(path: Path, data: Any) -> None:
 
 def train_cell(cell: Cell, ctx: SweepContext, out: Path) -> dict[str, Any]:
     """Run ``nnUNetv2_train -tr nnUNetTrainerMedslim`` with the cell's settings as
-    ``MEDSLIM_CONFIG``; an unfinished earlier attempt is discarded first.
+    ``MEDSLIM_CONFIG``. A stopped earlier attempt with the same settings goes on from its last
+    checkpoint (``--c``; the trainer saves one every ``save_every`` epochs) when the settings
+    allow it (``FinetuneConfig.can_continue``); otherwise it is discarded first.
 
     Returns:
         ``{"folder": results folder, "train_seconds": wall, "cpu_seconds": CPU of the trainer
-        and its data-augmentation workers}``.
+        and its data-augmentation workers, "resumed_at_epoch": None or the epoch it went on
+        from}``. After a resume, the earlier epochs count with the time nnU-Net logged for
+        them, and their CPU time at this attempt's CPU/wall ratio (an estimate).
     Raises:
         MedslimError: the trainer failed (its last error line).
     """
+    from medslim.finetune.config import config_from_dict
+
     results = out / "nnUNet_results"
-    shutil.rmtree(results, ignore_errors=True)
+    folder = results / ctx.dataset / f"{TRAINER}__{ctx.plans}__{ctx.configuration}"
     config = out / "finetune.json"
     settings = {"final_validation": False, **(cell.settings or {}), "dataset_name": ctx.dataset,
                 "plans_name": ctx.plans, "configuration": ctx.configuration}
+    earlier = _earlier_attempt(folder / f"fold_{ctx.fold}", config, settings)
+    if earlier is None or not config_from_dict(settings, str(config)).can_continue:
+        earlier = None
+        shutil.rmtree(results, ignore_errors=True)
     write_json(config, settings)
     env = {**os.environ, **ctx.env, "nnUNet_results": str(results), "MEDSLIM_CONFIG": str(config)}
     exe = Path(sys.executable).parent / "nnUNetv2_train"
     cmd = [str(exe), ctx.dataset.split("_")[0].removeprefix("Dataset"), ctx.configuration, str(ctx.fold),
-           "-p", ctx.plans, "-tr", TRAINER, "-pretrained_weights", str(ctx.pretrained), "-device",
-           os.environ.get("MEDSLIM_SWEEP_DEVICE", "cpu")]
+           "-p", ctx.plans, "-tr", TRAINER, "-device", os.environ.get("MEDSLIM_SWEEP_DEVICE", "cpu"),
+           *(["--c"] if earlier else ["-pretrained_weights", str(ctx.pretrained)])]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    with open(out / "train.log", "w") as log:
+    with open(out / "train.log", "a" if earlier else "w") as log:
         run = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -66,9 +76,25 @@ def train_cell(cell: Cell, ctx: SweepContext, out: Path) -> dict[str, Any]:
         (out / "train.err").write_text(run.stderr)
         lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
         raise MedslimError(f"nnUNetv2_train failed: {lines[-1] if lines else f'exit {run.returncode}'}")
-    folder = results / ctx.dataset / f"{TRAINER}__{ctx.plans}__{ctx.configuration}"
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"folder": str(folder), "train_seconds": seconds, "cpu_seconds": cpu}
+    prior = earlier["seconds"] if earlier else 0.0
+    return {"folder": str(folder), "train_seconds": seconds + prior, "cpu_seconds": cpu * (1 + prior / seconds),
+            "resumed_at_epoch": earlier["epoch"] if earlier else None}
+
+
+def _earlier_attempt(fold: Path, config: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """``{"epoch", "seconds"}`` of a stopped attempt with these settings that left a checkpoint
+    (the epoch it reached and the time nnU-Net logged for its epochs), else ``None``."""
+    checkpoint = next((fold / c for c in ("checkpoint_final.pth", "checkpoint_latest.pth") if (fold / c).is_file()), None)
+    if checkpoint is None or not config.is_file() or json.loads(config.read_text()) != json.loads(json.dumps(settings, default=str)):
+        return None
+    import torch
+
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)  # nnU-Net's own checkpoint format
+    log = saved.get("logging", {})
+    spans = zip(log.get("epoch_start_timestamps", []), log.get("epoch_end_timestamps", []))
+    seconds = sum(end - start for start, end in list(spans)[: saved["current_epoch"]])
+    return {"epoch": int(saved["current_epoch"]), "seconds": float(seconds)}
 
 
 def score(folder: Path, checkpoint: str, ctx: SweepContext, split: str, work: Path) -> dict[str, Any]:
@@ -167,6 +193,7 @@ def run_cell(cell: Cell, ctx: SweepContext, train: Trainer = train_cell) -> dict
               **own, "params_original": original["params"], "flops_original": original["flops"],
               "ratio_params": original["params"] / own["params"], "ratio_flops": original["flops"] / own["flops"],
               "updates": updates, "train_seconds": trained["train_seconds"], "cpu_seconds": trained["cpu_seconds"],
+              "resumed_at_epoch": trained.get("resumed_at_epoch"),
               "metrics": metrics, "before_finetune": before, "layers": layers(folder, ctx.fold)}
     write_json(out / RESULT, result)
     return result
