@@ -260,7 +260,29 @@ def test_cli_end_to_end(tmp_path, breast_checkpoint):
     assert run["delta_vs_original"] == pytest.approx(acc - result["original"]["accuracy"])
 
 
+def test_cli_serene_sparsifies_while_fine_tuning(tmp_path, breast_checkpoint):
+    from medslim.classify import evaluate, load_medmnist
+    from medslim.cli import app
+    from medslim.prune.classifier_io import load_pruned_classifier
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["prune2d", str(breast_checkpoint), "--data", str(BREAST), "-o", str(out),
+                                   "--regularizer", "serene", "--reg-lambda", "0.5", "--reg-tolerance", "1.0",
+                                   "--finetune-epochs", "1", "--max-train", "32", "--calibration-images", "8"])
+    assert res.exit_code == 0, res.output
+    result = json.loads((out / "results.json").read_text())
+    run, = result["runs"]
+    assert result["criterion"] == "serene" and run["accuracy_pruned"] is None and result["control"] is not None
+    assert run["regularizer"]["channels_zeroed"] > 0 and run["params"][1] < run["params"][0]
+    model = load_pruned_classifier(next(p for p in out.iterdir() if p.name.startswith("ratio_")))
+    assert count_parameters(model) == run["params"][1]
+    assert evaluate(model, load_medmnist(BREAST, "test"))["accuracy"] == pytest.approx(run["accuracy_finetuned"])
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--regularizer", "serine", "--finetune-epochs", "1"], "did you mean 'serene'"),
+    (["--regularizer", "serene", "--ratio", "0.3", "--finetune-epochs", "1"], "--ratio does not apply"),
+    (["--regularizer", "lobster"], "--finetune-epochs ≥ 1"),
     (["--ratio", "1.2"], "[0, 1)"),
     (["--criterion", "hsv"], "did you mean 'hvs'"),
     (["--scope", "globl"], "did you mean 'global'"),

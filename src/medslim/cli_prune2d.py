@@ -32,7 +32,7 @@ def print_results(result: dict, out: Console) -> None:
     for run in result["runs"]:
         table.add_row(f"{run['ratio']:.2f}", f"{run['params'][1]:,} (−{100 * run['param_reduction']:.1f} %)",
                       f"{run['flops'][1] / 1e6:.1f} M (−{100 * run['flop_reduction']:.1f} %)",
-                      f"{run['accuracy_pruned']:.3f}",
+                      "-" if run["accuracy_pruned"] is None else f"{run['accuracy_pruned']:.3f}",
                       "-" if run["accuracy_finetuned"] is None else f"{run['accuracy_finetuned']:.3f}",
                       pp(run["delta_vs_original"]), pp(run["delta_vs_control"]))
     out.print(table)
@@ -42,7 +42,7 @@ def prune2d(
     model: str = typer.Argument(..., help="classifier checkpoint (medslim save_classifier .pt) or a torchvision name (random init)"),
     data: Path = typer.Option(..., "--data", help="MedMNIST .npz file (test split evaluated, train split fine-tunes and calibrates)"),
     output: Path = typer.Option(..., "-o", "--output", help="new output folder"),
-    ratio: list[float] = typer.Option([0.3], "--ratio", help="fraction of channels removed, in [0, 1); repeat for several"),
+    ratio: Optional[list[float]] = typer.Option(None, "--ratio", help="fraction of channels removed, in [0, 1); repeat for several [default: 0.3]"),
     criterion: str = typer.Option("hvs", "--criterion", help=CRITERION_HELP),
     scope: str = typer.Option("layer", "--scope", help="layer (ρ per layer) | global (ρ of all candidate channels)"),
     finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="AdamW lr 1e-4 batch 32 epochs after pruning"),
@@ -53,12 +53,17 @@ def prune2d(
     control: bool = typer.Option(True, "--control/--no-control", help="also fine-tune the unpruned model (the control)"),
     max_train: Optional[int] = typer.Option(None, "--max-train", help="fine-tune on a seeded subset of this many images"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
+    regularizer: Optional[str] = typer.Option(None, "--regularizer", help="lobster | serene: sparsify while fine-tuning (instead of --criterion at --ratio); needs --finetune-epochs"),
+    reg_lambda: float = typer.Option(1e-3, "--reg-lambda", help="λ of --regularizer"),
+    reg_tolerance: float = typer.Option(0.05, "--reg-tolerance", help="relative validation-loss increase each threshold step may cost"),
 ) -> None:
     """Prune a 2D classifier with HVS (or another criterion), fine-tune, and report accuracy, params and FLOPs."""
     from medslim.classify.prune2d import run_prune2d
 
-    result = run_prune2d(model, data, output, ratio, criterion, scope, finetune_epochs, seed, size,
+    ratios = ratio if ratio or regularizer else [0.3]
+    result = run_prune2d(model, data, output, ratios or [], criterion, scope, finetune_epochs, seed, size,
                          prune_linear, control, max_train, overwrite, console=console,
-                         calibration_images=calibration_images)
+                         calibration_images=calibration_images, regularizer=regularizer, reg_lambda=reg_lambda,
+                         reg_tolerance=reg_tolerance)
     print_results(result, out_console)
     out_console.print(f"wrote {output}")

@@ -84,12 +84,17 @@ def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], 
                 scope: str = "layer", finetune_epochs: int = 0, seed: int = 0, size: int = 28,
                 include_linear: bool = False, control: bool = True, max_train: int | None = None,
                 overwrite: bool = False, console: Console | None = None,
-                calibration_images: int = CALIBRATION_IMAGES) -> dict[str, Any]:
+                calibration_images: int = CALIBRATION_IMAGES, regularizer: str | None = None,
+                reg_lambda: float = 1e-3, reg_tolerance: float = 0.05) -> dict[str, Any]:
     """Prune ``source`` at each ratio, optionally fine-tune, evaluate on the test split, write ``output``.
 
     Data-aware criteria (``hvs_data``, ``relief``, ``taylor``) score with ``calibration_images``
     images of the training split (seeded by ``seed``; ``taylor`` with their labels); the others
-    ignore it.
+    ignore it. With ``regularizer`` (``lobster`` | ``serene``, :mod:`medslim.classify.sparsify`)
+    the fine-tune itself sparsifies (λ ``reg_lambda``, validation-loss tolerance
+    ``reg_tolerance`` on the validation split) instead of a criterion at ``ratios``: one run,
+    whose ratio is the fraction of candidate channels SeReNe removed (0 for LOBSTER, which
+    reports its weight sparsity).
 
     Raises:
         MedslimError: bad options, unreadable data/model, a model without prunable layers, more
@@ -105,12 +110,26 @@ def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], 
     from medslim.score import NEEDS_CALIBRATION, check_criterion
     from medslim.score.input_map import hvs_input_map
 
+    from medslim.classify.sparsify import REGULARIZERS, sparsify_classifier
+
+    if regularizer is not None:
+        if regularizer not in REGULARIZERS:
+            raise MedslimError(f"unknown regularizer '{regularizer}'; choose one of {', '.join(REGULARIZERS)}"
+                               f"{did_you_mean(regularizer, REGULARIZERS)}")
+        if ratios:
+            raise MedslimError("--ratio does not apply with --regularizer: the threshold step sets the sparsity")
+        if finetune_epochs < 1:
+            raise MedslimError("--regularizer sparsifies while fine-tuning: give --finetune-epochs ≥ 1")
+        if not 0.0 < reg_lambda < 1.0 or reg_tolerance < 0:
+            raise MedslimError(f"--reg-lambda must be in (0, 1) and --reg-tolerance ≥ 0 (got {reg_lambda}, {reg_tolerance})")
+        criterion, ratios = regularizer, [0.0]
     ratios = sorted(set(float(r) for r in ratios))
     if not ratios or any(not 0.0 <= r < 1.0 for r in ratios):
         raise MedslimError(f"pruning ratios must be in [0, 1), got {', '.join(str(r) for r in ratios) or 'none'}")
     check_calibration_images(calibration_images)
-    check_criterion(criterion, calibration=True)  # data-aware criteria: images from the training split
-    needs_data = criterion in NEEDS_CALIBRATION
+    if regularizer is None:
+        check_criterion(criterion, calibration=True)  # data-aware criteria: images from the training split
+    needs_data = criterion in NEEDS_CALIBRATION or regularizer == "serene"
     if scope not in SCOPES:
         raise MedslimError(f"unknown scope '{scope}' (expected one of {', '.join(SCOPES)}){did_you_mean(scope, SCOPES)}")
     if finetune_epochs < 0:
@@ -163,19 +182,33 @@ def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], 
             del twin
         maps = {"unpruned": hvs_input_map(model, input_shape)}
         for r in ratios:
-            bar.update(task, description=f"ratio {r:.2f}: {criterion} pruning")
-            pruned, report = prune_classifier(model, r, criterion, input_shape, scope, seed, include_linear=include_linear,
-                                              calibration=calib.images if calib else None,
-                                              calibration_target=calib.labels if calib else None)
+            last = r == ratios[-1]
+            if regularizer is not None:
+                bar.update(task, description=f"fine-tune with {regularizer}")
+                val = load_medmnist(data, "val", size=size, channels=in_channels)
+                sparse = sparsify_classifier(model, regularizer, train, val, cfg, input_shape,
+                                             calib.images if calib else None, reg_lambda, reg_tolerance)
+                pruned, report = sparse.model, sparse.prune_report
+                r = report.ratio
+                run = {"ratio": r, "accuracy_pruned": None, "accuracy_finetuned": evaluate(pruned, test)["accuracy"],
+                       "regularizer": {k: v for k, v in sparse.report.items() if k not in ("fit", "per_layer")},
+                       **{k: v for k, v in report.to_dict().items() if k not in ("ratio", "criterion", "scope", "seed",
+                                                                                 "input_shape", "members")}}
+            else:
+                bar.update(task, description=f"ratio {r:.2f}: {criterion} pruning")
+                pruned, report = prune_classifier(model, r, criterion, input_shape, scope, seed,
+                                                  include_linear=include_linear,
+                                                  calibration=calib.images if calib else None,
+                                                  calibration_target=calib.labels if calib else None)
+                run = {"ratio": r, "accuracy_pruned": evaluate(pruned, test)["accuracy"], "accuracy_finetuned": None,
+                       **{k: v for k, v in report.to_dict().items() if k not in ("ratio", "criterion", "scope", "seed",
+                                                                                 "input_shape", "members")}}
             bar.advance(task)
-            run = {"ratio": r, "accuracy_pruned": evaluate(pruned, test)["accuracy"], "accuracy_finetuned": None,
-                   **{k: v for k, v in report.to_dict().items() if k not in ("ratio", "criterion", "scope", "seed",
-                                                                             "input_shape", "members")}}
-            if train is not None:
+            if train is not None and regularizer is None:
                 bar.update(task, description=f"ratio {r:.2f}: fine-tune")
                 fit(pruned, train, cfg, progress=tick)
                 run["accuracy_finetuned"] = evaluate(pruned, test)["accuracy"]
-            final = run["accuracy_finetuned"] if train is not None else run["accuracy_pruned"]
+            final = run["accuracy_finetuned"] if run["accuracy_finetuned"] is not None else run["accuracy_pruned"]
             run["delta_vs_original"] = final - result["original"]["accuracy"]
             run["delta_vs_control"] = final - result["control"]["accuracy"] if result["control"] else None
             result["runs"].append(run)
@@ -186,7 +219,7 @@ def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], 
                                    provenance={"criterion": criterion, "scope": scope, "ratio": r, "seed": seed,
                                                "finetune_epochs": finetune_epochs,
                                                **({"calibration_images": len(calib.indices)} if calib else {})})
-            if r == ratios[-1]:
+            if last:
                 maps[f"pruned r={r:.2f}"] = hvs_input_map(pruned, input_shape)
         _write(tmp, result, maps, test[0][0])
     return result
@@ -218,7 +251,9 @@ def _write(folder: Path, result: dict, maps: dict, image) -> None:
             w.writerow([*(run[c] for c in cols), run["params"][1], run["flops"][1]])
     runs = result["runs"]
     ratios = [x["ratio"] for x in runs]
-    curves = {f"{result['criterion']} (pruned)": (ratios, [x["accuracy_pruned"] for x in runs], None)}
+    curves = {}
+    if runs[0]["accuracy_pruned"] is not None:  # a regulariser prunes while fine-tuning: no "pruned" state
+        curves[f"{result['criterion']} (pruned)"] = (ratios, [x["accuracy_pruned"] for x in runs], None)
     if runs[0]["accuracy_finetuned"] is not None:
         curves[f"{result['criterion']} + fine-tune"] = (ratios, [x["accuracy_finetuned"] for x in runs], None)
     plot_accuracy(curves, folder / "accuracy_vs_ratio.png", baseline=result["original"]["accuracy"],

@@ -55,6 +55,17 @@ class TrainConfig:
         return asdict(self)
 
 
+@dataclass
+class FitHooks:
+    """Optional calls into :func:`fit`'s loop: ``optimizer(opt)`` once the optimizer exists (to
+    register step hooks), ``epoch_start(model, epoch)`` before an epoch's first batch and
+    ``epoch_end(model, epoch)`` after its last one (0-based epochs)."""
+
+    optimizer: Callable[[torch.optim.Optimizer], None] | None = None
+    epoch_start: Callable[[nn.Module, int], None] | None = None
+    epoch_end: Callable[[nn.Module, int], None] | None = None
+
+
 def _covered(name: str, prefixes: Iterable[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
@@ -115,7 +126,7 @@ def _loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoade
 
 def fit(model: nn.Module, train_ds: Dataset, config: TrainConfig, trainable: set[str] | None = None,
         source_state: dict[str, Tensor] | None = None, progress: Progress | None = None,
-        val_ds: Dataset | None = None) -> dict:
+        val_ds: Dataset | None = None, hooks: FitHooks | None = None) -> dict:
     """Train ``model`` in place with cross-entropy on ``train_ds`` (items ``([C, H, W], label)``).
 
     Args:
@@ -124,6 +135,7 @@ def fit(model: nn.Module, train_ds: Dataset, config: TrainConfig, trainable: set
         progress: called after every batch with ``(epoch, batch, batches, loss)``.
         val_ds: scored after every epoch; the model ends with the weights of the epoch with the
             best validation AUC (accuracy when AUC is undefined), MedMNIST v2's model selection.
+        hooks: see :class:`FitHooks` (e.g. a sparsity regulariser, ``medslim.classify.sparsify``).
 
     Returns:
         ``{"loss": [per-epoch mean], "lr": [per-epoch], "steps", "seconds", "trainable_params"}``,
@@ -157,6 +169,9 @@ def fit(model: nn.Module, train_ds: Dataset, config: TrainConfig, trainable: set
     else:
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(config.milestones), gamma=0.1)
+    hooks = hooks or FitHooks()
+    if hooks.optimizer is not None:
+        hooks.optimizer(opt)
     frozen_bn = frozen_norms(model, trainable)
     head = head_name(model)
     l2sp = config.l2sp_alpha > 0 or config.l2sp_beta > 0
@@ -169,6 +184,11 @@ def fit(model: nn.Module, train_ds: Dataset, config: TrainConfig, trainable: set
             model.train()
             for m in frozen_bn:
                 m.eval()
+            if hooks.epoch_start is not None:
+                hooks.epoch_start(model, epoch)
+                model.train()
+                for m in frozen_bn:
+                    m.eval()
             losses = []
             history["lr"].append(opt.param_groups[0]["lr"])
             for b, (x, y) in enumerate(loader):
@@ -185,6 +205,8 @@ def fit(model: nn.Module, train_ds: Dataset, config: TrainConfig, trainable: set
                     progress(epoch, b, len(loader), losses[-1])
             sched.step()
             history["loss"].append(float(np.mean(losses)))
+            if hooks.epoch_end is not None:
+                hooks.epoch_end(model, epoch)
             if val_ds is not None:
                 scores = evaluate(model, val_ds)
                 history.setdefault("val", []).append(scores)
