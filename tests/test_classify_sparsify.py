@@ -3,6 +3,8 @@ steps keep their validation-loss record, SeReNe's removal leaves the function un
 result round-trips through the pruned-classifier format."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -66,3 +68,31 @@ def test_bad_regularizer_options(data):
         sparsify_classifier(model, "serine", train, val, CONFIG, SHAPE)
     with pytest.raises(MedslimError, match="calibration images"):
         sparsify_classifier(model, "serene", train, val, CONFIG, SHAPE)
+
+
+def test_dprp_chunks_follow_the_schedule():
+    from medslim.classify.dprp import chunk_config
+
+    cfg = TrainConfig(epochs=8, lr=1e-2, milestones=(2, 5), seed=4)
+    part = chunk_config(cfg, 3, 3)
+    assert (part.epochs, part.milestones, part.seed) == (3, (2,), 7) and part.lr == pytest.approx(1e-3)
+    assert chunk_config(cfg, 0, 2).milestones == () and chunk_config(cfg, 6, 2).lr == pytest.approx(1e-4)
+
+
+def test_dprp_cuts_ranks_and_round_trips(data, tmp_path):
+    from medslim.classify.dprp import dprp_classifier
+
+    model, train, val = data
+    model = copy.deepcopy(model)
+    conv = model.layer4[1].conv2  # made rank 8: DPRP's cut must find it after the first epoch
+    u, s, vh = torch.linalg.svd(conv.weight.detach().flatten(1), full_matrices=False)
+    conv.weight.data = ((u[:, :8] * s[:8]) @ vh[:8]).reshape(conv.weight.shape)
+    result = dprp_classifier(model, train, CONFIG, eps=0.1)
+    layers = result.report["layers"]
+    assert result.ranks["layer4.1.conv2"].rank_out == 8 == layers["layer4.1.conv2"]["rank"]
+    assert all(layers[n]["rank"] == r.rank_out < layers[n]["full_rank"] for n, r in result.ranks.items())
+    assert len(result.report["cuts"]) == CONFIG.epochs and count_parameters(result.model) < count_parameters(model)
+    save_pruned_classifier(result.model, tmp_path, arch="resnet18", num_classes=2, in_channels=3,
+                           input_shape=SHAPE, kept={}, ranks=result.ranks)
+    x = val.images[:4]
+    assert torch.allclose(load_pruned_classifier(tmp_path)(x), result.model(x), atol=1e-5)

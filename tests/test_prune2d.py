@@ -279,8 +279,34 @@ def test_cli_serene_sparsifies_while_fine_tuning(tmp_path, breast_checkpoint):
     assert evaluate(model, load_medmnist(BREAST, "test"))["accuracy"] == pytest.approx(run["accuracy_finetuned"])
 
 
+def test_cli_dprp_writes_factored_convs_that_load_back(tmp_path, breast_checkpoint):
+    from medslim.classify import evaluate, load_medmnist
+    from medslim.cli import app
+    from medslim.prune.classifier_io import load_pruned_classifier, read_pruned_spec
+
+    from medslim.classify import build_classifier, save_classifier
+
+    model = build_classifier(str(breast_checkpoint))
+    conv = model.layer4[1].conv2  # made rank 8: DPRP's cut finds it
+    u, s, vh = torch.linalg.svd(conv.weight.detach().flatten(1), full_matrices=False)
+    conv.weight.data = ((u[:, :8] * s[:8]) @ vh[:8]).reshape(conv.weight.shape)
+    low_rank = save_classifier(model, tmp_path / "low_rank.pt", str(breast_checkpoint), 2)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["prune2d", str(low_rank), "--data", str(BREAST), "-o", str(out),
+                                   "--regularizer", "dprp", "--dprp-epsilon", "0.1", "--finetune-epochs", "1",
+                                   "--max-train", "32", "--no-control"])
+    assert res.exit_code == 0, res.output
+    run, = json.loads((out / "results.json").read_text())["runs"]
+    folder = out / "ratio_0.00"
+    assert read_pruned_spec(folder)["compression"]["ranks"] and run["params"][1] < run["params"][0]
+    model = load_pruned_classifier(folder)
+    assert count_parameters(model) == run["params"][1]
+    assert evaluate(model, load_medmnist(BREAST, "test"))["accuracy"] == pytest.approx(run["accuracy_finetuned"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--regularizer", "serine", "--finetune-epochs", "1"], "did you mean 'serene'"),
+    (["--regularizer", "dprp", "--dprp-epsilon", "1.5", "--finetune-epochs", "1"], "--dprp-epsilon must be in (0, 1)"),
     (["--regularizer", "serene", "--ratio", "0.3", "--finetune-epochs", "1"], "--ratio does not apply"),
     (["--regularizer", "lobster"], "--finetune-epochs ≥ 1"),
     (["--ratio", "1.2"], "[0, 1)"),

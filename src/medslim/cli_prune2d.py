@@ -53,9 +53,10 @@ def prune2d(
     control: bool = typer.Option(True, "--control/--no-control", help="also fine-tune the unpruned model (the control)"),
     max_train: Optional[int] = typer.Option(None, "--max-train", help="fine-tune on a seeded subset of this many images"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
-    regularizer: Optional[str] = typer.Option(None, "--regularizer", help="lobster | serene: sparsify while fine-tuning (instead of --criterion at --ratio); needs --finetune-epochs"),
-    reg_lambda: float = typer.Option(1e-3, "--reg-lambda", help="λ of --regularizer"),
-    reg_tolerance: float = typer.Option(0.05, "--reg-tolerance", help="relative validation-loss increase each threshold step may cost"),
+    regularizer: Optional[str] = typer.Option(None, "--regularizer", help="lobster | serene | dprp: compress while fine-tuning (instead of --criterion at --ratio); needs --finetune-epochs"),
+    reg_lambda: float = typer.Option(1e-3, "--reg-lambda", help="λ of lobster/serene"),
+    reg_tolerance: float = typer.Option(0.05, "--reg-tolerance", help="lobster/serene: relative validation-loss increase each threshold step may cost"),
+    dprp_epsilon: float = typer.Option(0.01, "--dprp-epsilon", help="dprp: cut a rank at the first singular-value ratio ≤ ε"),
 ) -> None:
     """Prune a 2D classifier with HVS (or another criterion), fine-tune, and report accuracy, params and FLOPs."""
     from medslim.classify.prune2d import run_prune2d
@@ -64,6 +65,6 @@ def prune2d(
     result = run_prune2d(model, data, output, ratios or [], criterion, scope, finetune_epochs, seed, size,
                          prune_linear, control, max_train, overwrite, console=console,
                          calibration_images=calibration_images, regularizer=regularizer, reg_lambda=reg_lambda,
-                         reg_tolerance=reg_tolerance)
+                         reg_tolerance=reg_tolerance, dprp_epsilon=dprp_epsilon)
     print_results(result, out_console)
     out_console.print(f"wrote {output}")

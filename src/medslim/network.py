@@ -44,13 +44,17 @@ def build_base_network(class_name: str, arch_kwargs: Mapping[str, Any], requires
     return cls(input_channels=input_channels, num_classes=num_classes, **kwargs)
 
 
-def rebuild(base: nn.Module, spec: CompressionSpec, input_channels: int) -> nn.Module:
-    """``base`` with a spec's structure: Tucker ranks and CP blocks, then kept channels.
-    Weights are placeholders; load a state dict afterwards. ``base`` may be modified. 2D or
-    3D, as ``base`` convolves (the plans' ``conv_op``)."""
+def rebuild(base: nn.Module, spec: CompressionSpec, input_channels: int,
+            example: torch.Tensor | None = None) -> nn.Module:
+    """``base`` with a spec's structure: Tucker ranks and CP blocks, then kept channels
+    (traced on ``example``, by default a small input of ``base``'s family). Weights are
+    placeholders; load a state dict afterwards. ``base`` may be modified. 2D or 3D, as
+    ``base`` convolves (the plans' ``conv_op``)."""
     net = apply_ranks(base, spec.ranks) if spec.ranks else base
     net = apply_cp(net, spec.cp) if spec.cp else net
-    return apply_kept(net, spec.kept, example_input(net, input_channels))
+    if not spec.kept:
+        return net
+    return apply_kept(net, spec.kept, example_input(net, input_channels) if example is None else example)
 
 
 class CompressedUNet(nn.Module):

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from medslim.classify.data import MedMNIST
 
 FT_LR, FT_BATCH = 1e-4, 32  # SPEC §6 / thesis §4.5.2: AdamW, lr 1e-4, batch 32
+WHILE_TRAINING = ("lobster", "serene", "dprp")  # methods that compress during the fine-tune
 CALIBRATION_IMAGES = 64  # default --calibration-images: 28-px images are cheap to score
 
 
@@ -85,16 +86,17 @@ def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], 
                 include_linear: bool = False, control: bool = True, max_train: int | None = None,
                 overwrite: bool = False, console: Console | None = None,
                 calibration_images: int = CALIBRATION_IMAGES, regularizer: str | None = None,
-                reg_lambda: float = 1e-3, reg_tolerance: float = 0.05) -> dict[str, Any]:
+                reg_lambda: float = 1e-3, reg_tolerance: float = 0.05, dprp_epsilon: float = 0.01) -> dict[str, Any]:
     """Prune ``source`` at each ratio, optionally fine-tune, evaluate on the test split, write ``output``.
 
     Data-aware criteria (``hvs_data``, ``relief``, ``taylor``) score with ``calibration_images``
     images of the training split (seeded by ``seed``; ``taylor`` with their labels); the others
-    ignore it. With ``regularizer`` (``lobster`` | ``serene``, :mod:`medslim.classify.sparsify`)
-    the fine-tune itself sparsifies (λ ``reg_lambda``, validation-loss tolerance
-    ``reg_tolerance`` on the validation split) instead of a criterion at ``ratios``: one run,
-    whose ratio is the fraction of candidate channels SeReNe removed (0 for LOBSTER, which
-    reports its weight sparsity).
+    ignore it. With ``regularizer`` the fine-tune itself compresses instead of a criterion at
+    ``ratios`` (one run): ``lobster`` | ``serene`` (:mod:`medslim.classify.sparsify`; λ
+    ``reg_lambda``, validation-loss tolerance ``reg_tolerance`` on the validation split; the
+    run's ratio is the fraction of candidate channels SeReNe removed, 0 for LOBSTER, which
+    reports its weight sparsity) or ``dprp`` (:mod:`medslim.classify.dprp`, ε ``dprp_epsilon``;
+    ratio 0: it cuts ranks, not channels).
 
     Raises:
         MedslimError: bad options, unreadable data/model, a model without prunable layers, more
@@ -110,18 +112,17 @@ def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], 
     from medslim.score import NEEDS_CALIBRATION, check_criterion
     from medslim.score.input_map import hvs_input_map
 
-    from medslim.classify.sparsify import REGULARIZERS, sparsify_classifier
-
     if regularizer is not None:
-        if regularizer not in REGULARIZERS:
-            raise MedslimError(f"unknown regularizer '{regularizer}'; choose one of {', '.join(REGULARIZERS)}"
-                               f"{did_you_mean(regularizer, REGULARIZERS)}")
+        if regularizer not in WHILE_TRAINING:
+            raise MedslimError(f"unknown regularizer '{regularizer}'; choose one of {', '.join(WHILE_TRAINING)}"
+                               f"{did_you_mean(regularizer, WHILE_TRAINING)}")
         if ratios:
             raise MedslimError("--ratio does not apply with --regularizer: the threshold step sets the sparsity")
         if finetune_epochs < 1:
             raise MedslimError("--regularizer sparsifies while fine-tuning: give --finetune-epochs ≥ 1")
-        if not 0.0 < reg_lambda < 1.0 or reg_tolerance < 0:
-            raise MedslimError(f"--reg-lambda must be in (0, 1) and --reg-tolerance ≥ 0 (got {reg_lambda}, {reg_tolerance})")
+        if not 0.0 < reg_lambda < 1.0 or reg_tolerance < 0 or not 0.0 < dprp_epsilon < 1.0:
+            raise MedslimError(f"--reg-lambda and --dprp-epsilon must be in (0, 1) and --reg-tolerance ≥ 0 "
+                               f"(got {reg_lambda}, {dprp_epsilon}, {reg_tolerance})")
         criterion, ratios = regularizer, [0.0]
     ratios = sorted(set(float(r) for r in ratios))
     if not ratios or any(not 0.0 <= r < 1.0 for r in ratios):
@@ -183,15 +184,16 @@ def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], 
         maps = {"unpruned": hvs_input_map(model, input_shape)}
         for r in ratios:
             last = r == ratios[-1]
+            ranks = {}
             if regularizer is not None:
                 bar.update(task, description=f"fine-tune with {regularizer}")
                 val = load_medmnist(data, "val", size=size, channels=in_channels)
-                sparse = sparsify_classifier(model, regularizer, train, val, cfg, input_shape,
-                                             calib.images if calib else None, reg_lambda, reg_tolerance)
-                pruned, report = sparse.model, sparse.prune_report
+                pruned, report, extra, ranks = _while_training(
+                    regularizer, model, train, val, cfg, input_shape, calib.images if calib else None,
+                    reg_lambda, reg_tolerance, dprp_epsilon)
                 r = report.ratio
                 run = {"ratio": r, "accuracy_pruned": None, "accuracy_finetuned": evaluate(pruned, test)["accuracy"],
-                       "regularizer": {k: v for k, v in sparse.report.items() if k not in ("fit", "per_layer")},
+                       "regularizer": extra,
                        **{k: v for k, v in report.to_dict().items() if k not in ("ratio", "criterion", "scope", "seed",
                                                                                  "input_shape", "members")}}
             else:
@@ -215,7 +217,7 @@ def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], 
             sub = tmp / _ratio_dir(r)
             sub.mkdir()
             save_pruned_classifier(pruned.eval(), sub, arch=arch, num_classes=test.num_classes, in_channels=in_channels,
-                                   input_shape=input_shape, kept=report.kept,
+                                   input_shape=input_shape, kept=report.kept, ranks=ranks,
                                    provenance={"criterion": criterion, "scope": scope, "ratio": r, "seed": seed,
                                                "finetune_epochs": finetune_epochs,
                                                **({"calibration_images": len(calib.indices)} if calib else {})})
@@ -223,6 +225,28 @@ def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], 
                 maps[f"pruned r={r:.2f}"] = hvs_input_map(pruned, input_shape)
         _write(tmp, result, maps, test[0][0])
     return result
+
+
+def _while_training(method: str, model, train, val, cfg, input_shape: tuple[int, ...], calibration,
+                    reg_lambda: float, reg_tolerance: float, dprp_epsilon: float) -> tuple[Any, Any, dict, dict]:
+    """(model, ``ClassifierPruneReport``, the method's own report, Tucker ranks) of a fine-tune
+    that compresses: LOBSTER/SeReNe or DPRP."""
+    from medslim.classify.dprp import dprp_classifier
+    from medslim.classify.sparsify import sparsify_classifier
+    from medslim.measure import count_flops, count_parameters
+    from medslim.prune.classifier import ClassifierPruneReport, classifier_layers, densities
+
+    if method != "dprp":
+        sparse = sparsify_classifier(model, method, train, val, cfg, input_shape, calibration, reg_lambda, reg_tolerance)
+        return sparse.model, sparse.prune_report, {k: v for k, v in sparse.report.items()
+                                                   if k not in ("fit", "per_layer")}, {}
+    result = dprp_classifier(model, train, cfg, eps=dprp_epsilon)
+    report = ClassifierPruneReport(
+        ratio=0.0, criterion="dprp", scope="layer", seed=cfg.seed, input_shape=input_shape, kept={}, members={},
+        layers=densities(model, result.model, classifier_layers(model)),
+        params=(count_parameters(model), count_parameters(result.model)),
+        flops=(count_flops(model, input_shape), count_flops(result.model, input_shape)))
+    return result.model, report, {k: v for k, v in result.report.items() if k != "fit"}, result.ranks
 
 
 def _check_runs(model, input_shape: tuple[int, ...], source: str) -> None:

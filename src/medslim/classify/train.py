@@ -58,12 +58,14 @@ class TrainConfig:
 @dataclass
 class FitHooks:
     """Optional calls into :func:`fit`'s loop: ``optimizer(opt)`` once the optimizer exists (to
-    register step hooks), ``epoch_start(model, epoch)`` before an epoch's first batch and
-    ``epoch_end(model, epoch)`` after its last one (0-based epochs)."""
+    register step hooks), ``epoch_start(model, epoch)`` before an epoch's first batch,
+    ``epoch_end(model, epoch)`` after its last one (0-based epochs), and ``loss(model)``: a
+    0-dim term added to every training step's loss (e.g. DPRP's factor losses)."""
 
     optimizer: Callable[[torch.optim.Optimizer], None] | None = None
     epoch_start: Callable[[nn.Module, int], None] | None = None
     epoch_end: Callable[[nn.Module, int], None] | None = None
+    loss: Callable[[nn.Module], Tensor] | None = None
 
 
 def _covered(name: str, prefixes: Iterable[str]) -> bool:
@@ -196,6 +198,8 @@ def fit(model: nn.Module, train_ds: Dataset, config: TrainConfig, trainable: set
                 if l2sp:
                     loss = loss + l2sp_penalty(model, source_state or {}, names, head,
                                                config.l2sp_alpha, config.l2sp_beta)
+                if hooks.loss is not None:
+                    loss = loss + hooks.loss(model)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -3,11 +3,12 @@
 Folder layout (never a pickled module)::
 
     pruned_spec.json   {"format", "base": {arch, num_classes, in_channels}, "input_shape",
-                        "compression": CompressionSpec.to_dict() (kept channels per group root)}
+                        "compression": CompressionSpec.to_dict() (kept channels per group
+                        root; Tucker ranks for DPRP's factored convs)}
     model.pt           state_dict of the pruned model (tensors only)
 
 :func:`load_pruned_classifier` builds the base with ``medslim.classify.build_classifier``,
-replays the kept channels with ``apply_kept`` and loads the weights strictly.
+replays the spec with ``medslim.network.rebuild`` and loads the weights strictly.
 """
 from __future__ import annotations
 
@@ -19,8 +20,7 @@ import torch
 from torch import nn
 
 from medslim.errors import MedslimError
-from medslim.prune.pruner import apply_kept
-from medslim.spec import CompressionSpec
+from medslim.spec import CompressionSpec, LayerRanks
 
 FORMAT = "medslim.pruned-classifier/1"
 SPEC_FILE, WEIGHTS_FILE = "pruned_spec.json", "model.pt"
@@ -28,16 +28,18 @@ SPEC_FILE, WEIGHTS_FILE = "pruned_spec.json", "model.pt"
 
 def save_pruned_classifier(model: nn.Module, folder: str | Path, *, arch: str, num_classes: int,
                            in_channels: int, input_shape: Sequence[int], kept: Mapping[str, Sequence[int]],
-                           provenance: Mapping[str, Any] | None = None) -> Path:
+                           provenance: Mapping[str, Any] | None = None,
+                           ranks: Mapping[str, LayerRanks] | None = None) -> Path:
     """Write ``pruned_spec.json`` and ``model.pt`` into an existing ``folder``.
 
     Args:
         arch: base architecture as ``build_classifier`` takes it (``resnet18``, ``timm:<name>``).
         input_shape: ``[B, C, H, W]`` the kept channels were traced with.
         kept: ``ClassifierPruneReport.kept`` (group root → kept output channels).
+        ranks: convs written as ``TuckerConv`` (DPRP), by name.
     """
     folder = Path(folder)
-    spec = CompressionSpec(kept={k: tuple(int(i) for i in v) for k, v in kept.items()},
+    spec = CompressionSpec(ranks=dict(ranks or {}), kept={k: tuple(int(i) for i in v) for k, v in kept.items()},
                            provenance=dict(provenance or {}))
     doc = {"format": FORMAT, "base": {"arch": arch, "num_classes": int(num_classes), "in_channels": int(in_channels)},
            "input_shape": [int(s) for s in input_shape], "compression": spec.to_dict()}
@@ -63,12 +65,14 @@ def read_pruned_spec(folder: str | Path) -> dict[str, Any]:
 
 
 def rebuild_pruned(base: nn.Module, doc: Mapping[str, Any]) -> nn.Module:
-    """``base`` (modified in place) with the kept channels of a spec document; weights are
-    placeholders until a state_dict is loaded."""
-    kept = CompressionSpec.from_dict(doc["compression"]).kept
+    """``base`` (may be modified) with the ranks and kept channels of a spec document; weights
+    are placeholders until a state_dict is loaded."""
+    from medslim.network import rebuild
+
+    spec = CompressionSpec.from_dict(doc["compression"])
     param = next(base.parameters())
     example = torch.zeros(tuple(doc["input_shape"]), dtype=param.dtype, device=param.device)
-    return apply_kept(base, kept, example)
+    return rebuild(base, spec, int(doc["input_shape"][1]), example)
 
 
 def load_pruned_classifier(folder: str | Path) -> nn.Module:
