@@ -188,7 +188,7 @@ def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], 
             if regularizer is not None:
                 bar.update(task, description=f"fine-tune with {regularizer}")
                 val = load_medmnist(data, "val", size=size, channels=in_channels)
-                pruned, report, extra, ranks = _while_training(
+                pruned, report, extra, ranks = while_training(
                     regularizer, model, train, val, cfg, input_shape, calib.images if calib else None,
                     reg_lambda, reg_tolerance, dprp_epsilon)
                 r = report.ratio
@@ -227,7 +227,7 @@ def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], 
     return result
 
 
-def _while_training(method: str, model, train, val, cfg, input_shape: tuple[int, ...], calibration,
+def while_training(method: str, model, train, val, cfg, input_shape: tuple[int, ...], calibration,
                     reg_lambda: float, reg_tolerance: float, dprp_epsilon: float) -> tuple[Any, Any, dict, dict]:
     """(model, ``ClassifierPruneReport``, the method's own report, Tucker ranks) of a fine-tune
     that compresses: LOBSTER/SeReNe or DPRP."""

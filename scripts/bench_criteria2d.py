@@ -1,0 +1,158 @@
+"""Compare every 2D pruning method on the MedMNIST base classifiers, paired by seed, before and
+after the identical fine-tune (issue: the seed methods on 2D classifiers).
+
+Bases: ``scripts/train_medmnist_bases.py`` (``.work/bases/<set>_<arch>.pt``, MedMNIST v2's
+recipe). Criteria (``prune_classifier``, layer scope, ρ of every candidate layer): HVS, NISP,
+L1, random, NN-Relief and Taylor (scored on ``--calibration-images`` training images drawn with
+the seed) and NORTON; then the identical fine-tune (AdamW lr 1e-4, batch 32,
+``--finetune-epochs``). Methods that compress while fine-tuning (SeReNe, LOBSTER, DPRP; one
+cell per seed, their own compression) get the same fine-tune budget. Control: the unpruned base +
+the same fine-tune, per seed. The seed varies the fine-tune's data order, the calibration draw
+and the random criterion. Test split only reports; SeReNe/LOBSTER's thresholds read the
+validation split. CPU, one heavy job at a time::
+
+    nice -n 10 .venv/bin/python scripts/bench_criteria2d.py --sets breastmnist --seeds 0 1 2
+
+Writes ``benchmarks/results/criteria2d/{results.json,cells.csv,summary.md}``; ``results.json``
+is saved after every cell and a rerun skips the cells it holds.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "medmnist"
+CRITERIA = ("hvs", "nisp", "l1", "random", "relief", "taylor", "norton")
+WHILE_TRAINING = ("serene", "lobster", "dprp")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from medslim.classify import build_classifier, evaluate, fit, load_medmnist
+    from medslim.classify.prune2d import draw_calibration, finetune_config, while_training
+    from medslim.prune.classifier import prune_classifier
+
+    path = args.out / "results.json"
+    res = json.loads(path.read_text()) if path.is_file() else {"cells": []}
+    res["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    done = {(c["dataset"], c["method"], c["ratio"], c["seed"]) for c in res["cells"]}
+    for name in args.sets:
+        base_path = args.bases / f"{name}_{args.arch}.pt"
+        if not base_path.is_file():
+            print(f"{name}: no base at {base_path} (run scripts/train_medmnist_bases.py); skipped", flush=True)
+            continue
+        base = build_classifier(str(base_path)).eval()
+        split = {s: load_medmnist(DATA / f"{name}.npz", s) for s in ("train", "val", "test")}
+        if args.max_train:  # quick runs only: the fine-tune (and calibration) on a seeded subset
+            split["train"] = split["train"].subset(args.max_train)
+        shape = (1, *split["test"].images.shape[1:])
+        for seed in args.seeds:
+            cfg = finetune_config(args.finetune_epochs, seed)
+            calib = draw_calibration(split["train"], args.calibration_images, seed)
+            todo = [("control", 0.0)] + [(m, r) for m in args.methods if m in CRITERIA for r in args.ratios] \
+                + [(m, None) for m in args.methods if m in WHILE_TRAINING]
+            for method, ratio in todo:
+                if (name, method, ratio, seed) in done:
+                    continue
+                t = time.perf_counter()
+                cell = {"dataset": name, "method": method, "ratio": ratio, "seed": seed}
+                if method == "control":
+                    net = copy.deepcopy(base)
+                    fit(net, split["train"], cfg)
+                    cell.update(params=[sum(p.numel() for p in base.parameters())] * 2, accuracy_pruned=None)
+                elif method in CRITERIA:
+                    net, report = prune_classifier(base, ratio, method, shape, "layer", seed,
+                                                   calibration=calib.images, calibration_target=calib.labels)
+                    cell.update(params=list(report.params), flops=list(report.flops),
+                                accuracy_pruned=evaluate(net, split["test"])["accuracy"])
+                    fit(net, split["train"], cfg)
+                else:
+                    net, report, extra, _ = while_training(method, base, split["train"], split["val"], cfg, shape,
+                                                           calib.images, args.reg_lambda, args.reg_tolerance,
+                                                           args.dprp_epsilon)
+                    cell.update(params=list(report.params), flops=list(report.flops), accuracy_pruned=None,
+                                achieved_ratio=report.ratio,
+                                sparsity=extra.get("sparsity"))  # LOBSTER: zeros, not removed
+                cell.update(accuracy=evaluate(net, split["test"])["accuracy"], seconds=time.perf_counter() - t)
+                res["cells"].append(cell)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(res, indent=1))
+                tmp.replace(path)
+                print(f"{name} s{seed} {method} ρ={ratio}: {cell['accuracy']:.4f} ({cell['seconds']:.0f} s)", flush=True)
+    return res
+
+
+def summarise(res: dict) -> tuple[pd.DataFrame, str]:
+    """The per-cell table and the summary text, computed from the cells."""
+    cells = pd.DataFrame(res["cells"])
+    control = cells[cells.method == "control"].set_index(["dataset", "seed"]).accuracy
+    cells["delta_control"] = [a - control.get((d, s), np.nan) for a, d, s in zip(cells.accuracy, cells.dataset, cells.seed)]
+    cells["param_reduction"] = [1 - p[1] / p[0] for p in cells.params]
+    lines = ["# 2D pruning methods, paired by seed, after the identical fine-tune", "",
+             "Generated by `scripts/bench_criteria2d.py` from `results.json`. Test accuracy in %; ± = sample std "
+             "over seeds; Δ = minus the control (unpruned base + the same fine-tune) of the same seed. "
+             "\"vs HVS\": the paired difference to HVS at the same ratio, mean ± standard error; it exceeds the "
+             "seed spread when |mean| > 2 s.e.", ""]
+    for name, d in cells.groupby("dataset"):
+        ctrl = d[d.method == "control"].accuracy
+        lines += [f"## {name}", "", f"Control {100 * ctrl.mean():.1f} ± {100 * ctrl.std():.1f} % ({len(ctrl)} seeds).", "",
+                  "| method | ρ | params ↓ % | acc pruned % | acc + FT % | Δ vs control pp | vs HVS pp | n |",
+                  "|---|---|---|---|---|---|---|---|"]
+        hvs = d[d.method == "hvs"].set_index(["ratio", "seed"]).accuracy
+        for (method, ratio), g in d[d.method != "control"].groupby(["method", "ratio"], dropna=False, sort=False):
+            pruned = g.accuracy_pruned.dropna()
+            paired = [a - hvs.get((ratio, s), np.nan) for a, s in zip(g.accuracy, g.seed)]
+            paired = [p for p in paired if not np.isnan(p)]
+            vs = "—"
+            if method != "hvs" and len(paired) > 1:
+                mean, se = np.mean(paired), np.std(paired, ddof=1) / np.sqrt(len(paired))
+                vs = f"{100 * mean:+.1f} ± {100 * se:.1f}" + (" (exceeds)" if abs(mean) > 2 * se else "")
+            rho = "—" if pd.isna(ratio) else f"{ratio:g}"
+            lines.append(f"| {method} | {rho} | {100 * g.param_reduction.mean():.1f} | "
+                         + (f"{100 * pruned.mean():.1f} ± {100 * pruned.std():.1f}" if len(pruned) else "—")
+                         + f" | {100 * g.accuracy.mean():.1f} ± {100 * g.accuracy.std():.1f} | "
+                         f"{100 * g.delta_control.mean():+.1f} ± {100 * g.delta_control.std():.1f} | {vs} | {len(g)} |")
+        lines.append("")
+    return cells, "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sets", nargs="+", default=["breastmnist", "retinamnist", "pneumoniamnist"])
+    ap.add_argument("--arch", default="resnet18_28")
+    ap.add_argument("--bases", type=Path, default=REPO / ".work" / "bases")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
+    ap.add_argument("--methods", nargs="+", default=list(CRITERIA + WHILE_TRAINING),
+                    choices=CRITERIA + WHILE_TRAINING)
+    ap.add_argument("--finetune-epochs", type=int, default=3)
+    ap.add_argument("--calibration-images", type=int, default=64)
+    ap.add_argument("--reg-lambda", type=float, default=1e-3)
+    ap.add_argument("--reg-tolerance", type=float, default=0.05)
+    ap.add_argument("--dprp-epsilon", type=float, default=0.01)
+    ap.add_argument("--max-train", type=int, default=None, help="fine-tune on a subset (quick checks only)")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "criteria2d")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    res = run(args)
+    if not res["cells"]:
+        print("no cells: train the bases first", file=sys.stderr)
+        return 1
+    cells, text = summarise(res)
+    cells.drop(columns=["params", "flops"], errors="ignore").to_csv(args.out / "cells.csv", index=False)
+    (args.out / "summary.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
