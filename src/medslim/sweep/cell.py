@@ -90,7 +90,10 @@ def _earlier_attempt(fold: Path, config: Path, settings: dict[str, Any]) -> dict
         return None
     import torch
 
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)  # nnU-Net's own checkpoint format
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)  # nnU-Net's own checkpoint format
+    except Exception:  # noqa: BLE001 - a checkpoint cut short by the stop: start again
+        return None
     log = saved.get("logging", {})
     spans = zip(log.get("epoch_start_timestamps", []), log.get("epoch_end_timestamps", []))
     seconds = sum(end - start for start, end in list(spans)[: saved["current_epoch"]])
