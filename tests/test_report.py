@@ -75,6 +75,8 @@ def sweep(tmp_path_factory) -> tuple[Path, dict]:
         res[f"l1_s{s}"] = write_cell(root, f"l1_s{s}", "compressed", "df0.5_p0.3_l1", "consumer_l1", s, rng,
                                      ratio=4.0, layers=LAYERS[:3], df=0.5, prune_ratio=0.3)
     res["scratch_s0"] = write_cell(root, "scratch_s0", "scratch", "scratch_df0.3", "scratch", 0, rng, ratio=10.0)
+    res["scratch_s0"]["resumed_at_epoch"] = 12  # stopped and continued from its checkpoint
+    (root / "cells" / "scratch_s0" / "result.json").write_text(json.dumps(res["scratch_s0"]))
     write_cell(root, "failed_s0", "compressed", "df0.1_p0.9_hvs", "hvs", 0, None, ratio=50.0, error=ERROR)
     write_cell(root, "pending_s0", "compressed", "df0.9_p0.0_hvs", "hvs", 0, None)
     return root, res
@@ -188,6 +190,8 @@ def test_header_failed_error_and_pending(written):
     assert "RuntimeError: out of memory | in stage 3" in page and "Traceback" not in page
     pending = next(r for r in md_sections(md)["Cells"][0] if r.startswith("| pending_s0 "))
     assert "| pending |" in pending
+    resumed = [r for r in md_sections(md)["Cells"][0] if "(resumed at epoch" in r]
+    assert len(resumed) == 1 and resumed[0].startswith("| scratch_s0 ") and "(resumed at epoch 12)" in resumed[0]
 
 
 # --- the numbers ---------------------------------------------------------------------------------

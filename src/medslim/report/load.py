@@ -123,7 +123,8 @@ def _definition(cell_dir: Path, result: dict | None, error: dict | None) -> tupl
 
 def _row_columns() -> tuple[str, ...]:
     return (*_CELL_KEYS, "status", "error", "settings", "params", "flops", "ratio_params", "ratio_flops",
-            "updates", "train_seconds", "cpu_seconds", *(f"{s}_{m}" for s in SPLITS for m in METRICS))
+            "updates", "train_seconds", "cpu_seconds", "resumed_at_epoch",
+            *(f"{s}_{m}" for s in SPLITS for m in METRICS))
 
 
 def cell_row(cell: Mapping[str, Any], result: Mapping[str, Any] | None, error: Mapping[str, Any] | None,
@@ -151,7 +152,8 @@ def cell_row(cell: Mapping[str, Any], result: Mapping[str, Any] | None, error: M
     if result is None and error is not None:
         row["error"] = " ".join(str(error.get("error") or "failed (no message)").split())
     res = result or {}
-    for key in ("params", "flops", "ratio_params", "ratio_flops", "updates", "train_seconds", "cpu_seconds"):
+    for key in ("params", "flops", "ratio_params", "ratio_flops", "updates", "train_seconds", "cpu_seconds",
+                "resumed_at_epoch"):
         row[key] = _num(res.get(key))
     metrics = res.get("metrics") or {}
     for split in SPLITS:

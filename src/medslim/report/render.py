@@ -127,7 +127,10 @@ def cells_table(deltas: pd.DataFrame) -> pd.DataFrame:
         **{f"test {_METRIC_LABEL[m]}": d[f"test_{m}"].map(score) for m in METRICS},
         "Δ Dice (pp)": d["d_test_dice"].map(pp), "Δ NSD@1 (pp)": d["d_test_nsd1"].map(pp),
         "control": d["control"].map(lambda c: "—" if c is None else str(c)),
-        "updates": d["updates"].map(count), "train time": d["train_seconds"].map(minutes)})
+        "updates": d["updates"].map(count),
+        # a stopped cell that went on from its checkpoint: its earlier epochs count with nnU-Net's logged time
+        "train time": [minutes(t) + ("" if pd.isna(e) else f" (resumed at epoch {int(e)})")
+                       for t, e in zip(d["train_seconds"], d["resumed_at_epoch"])]})
 
 
 def summary_table(groups: pd.DataFrame, split: str, within_pp: float) -> pd.DataFrame:
