@@ -117,9 +117,9 @@ def run_prune2d(source: str, data: Path, output: Path, ratios: Sequence[float], 
             raise MedslimError(f"unknown regularizer '{regularizer}'; choose one of {', '.join(WHILE_TRAINING)}"
                                f"{did_you_mean(regularizer, WHILE_TRAINING)}")
         if ratios:
-            raise MedslimError("--ratio does not apply with --regularizer: the threshold step sets the sparsity")
+            raise MedslimError("--ratio does not apply with --regularizer: the method sets the compression (threshold or ε)")
         if finetune_epochs < 1:
-            raise MedslimError("--regularizer sparsifies while fine-tuning: give --finetune-epochs ≥ 1")
+            raise MedslimError("--regularizer compresses while fine-tuning: give --finetune-epochs ≥ 1")
         if not 0.0 < reg_lambda < 1.0 or reg_tolerance < 0 or not 0.0 < dprp_epsilon < 1.0:
             raise MedslimError(f"--reg-lambda and --dprp-epsilon must be in (0, 1) and --reg-tolerance ≥ 0 "
                                f"(got {reg_lambda}, {dprp_epsilon}, {reg_tolerance})")
