@@ -374,9 +374,11 @@ def test_interrupted_compress_leaves_no_output_and_the_next_run_succeeds(referen
     handled: only a hidden ``.out.tmp-…`` sibling stays, never taken for ``out``, and the next
     run removes it (its process is gone) and writes ``out``."""
     before, out, marker = tree_digest(reference_dir), tmp_path / "out", tmp_path / "checkpoint_written"
+    # as from a terminal: a shell without job control starts background jobs with SIGINT ignored,
+    # and pytest's children would inherit that (Python then installs no KeyboardInterrupt handler)
     proc = subprocess.Popen([sys.executable, "-c", _HANG_AFTER_SAVE_DRIVER, str(marker), "compress",
                              str(reference_dir), "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 600
         while not marker.exists():
