@@ -233,19 +233,15 @@ def while_training(method: str, model, train, val, cfg, input_shape: tuple[int, 
     that compresses: LOBSTER/SeReNe or DPRP."""
     from medslim.classify.dprp import dprp_classifier
     from medslim.classify.sparsify import sparsify_classifier
-    from medslim.measure import count_flops, count_parameters
-    from medslim.prune.classifier import ClassifierPruneReport, classifier_layers, densities
+    from medslim.prune.classifier import ClassifierPruneReport, classifier_layers
 
     if method != "dprp":
         sparse = sparsify_classifier(model, method, train, val, cfg, input_shape, calibration, reg_lambda, reg_tolerance)
         return sparse.model, sparse.prune_report, {k: v for k, v in sparse.report.items()
                                                    if k not in ("fit", "per_layer")}, {}
     result = dprp_classifier(model, train, cfg, eps=dprp_epsilon)
-    report = ClassifierPruneReport(
-        ratio=0.0, criterion="dprp", scope="layer", seed=cfg.seed, input_shape=input_shape, kept={}, members={},
-        layers=densities(model, result.model, classifier_layers(model)),
-        params=(count_parameters(model), count_parameters(result.model)),
-        flops=(count_flops(model, input_shape), count_flops(result.model, input_shape)))
+    report = ClassifierPruneReport.measure(model, result.model, classifier_layers(model), input_shape, ratio=0.0,
+                                           criterion="dprp", scope="layer", seed=cfg.seed, kept={}, members={})
     return result.model, report, {k: v for k, v in result.report.items() if k != "fit"}, result.ranks
 
 

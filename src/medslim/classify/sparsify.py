@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from medslim.classify.train import FitHooks, TrainConfig, fit
 from medslim.errors import MedslimError
-from medslim.prune.classifier import ClassifierPruneReport, classifier_layers, densities, stem_name
+from medslim.prune.classifier import ClassifierPruneReport, classifier_layers, stem_name
 
 REGULARIZERS = ("lobster", "serene")
 
@@ -68,7 +68,6 @@ def sparsify_classifier(model: nn.Module, kind: str, train: Dataset, val: Datase
     """
     from medslim.finetune.regularize import plateaued
     from medslim.finetune.sparsify import LobsterRegularizer, SereneRegularizer, attach
-    from medslim.measure import count_flops, count_parameters
 
     if kind not in REGULARIZERS:
         raise MedslimError(f"unknown regularizer '{kind}'; choose one of {', '.join(REGULARIZERS)}")
@@ -105,10 +104,8 @@ def sparsify_classifier(model: nn.Module, kind: str, train: Dataset, val: Datase
         kept = {k: list(v) for k, v in spec.kept.items()}
     report = reg.report()
     channels = report.get("channels", 0)
-    shape = tuple(int(s) for s in input_shape)
-    sizes = ClassifierPruneReport(
-        ratio=report.get("channels_zeroed", 0) / channels if channels else 0.0, criterion=kind, scope="layer",
-        seed=config.seed, input_shape=shape, kept={k: tuple(v) for k, v in kept.items()},
-        members=dict(getattr(reg, "groups", {})), layers=densities(model, net, layers),
-        params=(count_parameters(model), count_parameters(net)), flops=(count_flops(model, shape), count_flops(net, shape)))
+    sizes = ClassifierPruneReport.measure(
+        model, net, layers, input_shape, ratio=report.get("channels_zeroed", 0) / channels if channels else 0.0,
+        criterion=kind, scope="layer", seed=config.seed, kept={k: tuple(v) for k, v in kept.items()},
+        members=dict(getattr(reg, "groups", {})))
     return SparsifyResult(model=net.eval(), kept=kept, report={**report, "fit": history}, prune_report=sizes)

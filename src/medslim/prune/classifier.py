@@ -97,6 +97,16 @@ class ClassifierPruneReport:
     flops: tuple[int, int]
     seconds: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def measure(cls, before: nn.Module, after: nn.Module, candidates: Sequence[str], input_shape: Sequence[int],
+                **fields: Any) -> "ClassifierPruneReport":
+        """The report of ``before`` → ``after``: per-layer densities, parameters and FLOPs at
+        ``input_shape``; ``fields`` give the rest (ratio, criterion, scope, seed, kept, members)."""
+        shape = tuple(int(s) for s in input_shape)
+        return cls(input_shape=shape, layers=densities(before, after, candidates),
+                   params=(count_parameters(before), count_parameters(after)),
+                   flops=(count_flops(before, shape), count_flops(after, shape)), **fields)
+
     @property
     def param_reduction(self) -> float:
         return 1.0 - self.params[1] / self.params[0]
@@ -208,9 +218,7 @@ def prune_classifier(model: nn.Module, ratio: float, criterion: str = "hvs",
         model.train(was_training), pruned.train(was_training)
     if out_a.shape != out_b.shape:  # would be a Torch-Pruning bug
         raise RuntimeError(f"pruning changed the output shape {tuple(out_a.shape)} → {tuple(out_b.shape)}")
-    report = ClassifierPruneReport(
-        ratio=ratio, criterion=criterion, scope=scope, seed=seed, input_shape=input_shape,
-        kept=dict(record.kept), members=dict(record.members), layers=densities(model, pruned, layers),
-        params=(count_parameters(model), count_parameters(pruned)),
-        flops=(count_flops(model, input_shape), count_flops(pruned, input_shape)), seconds=times)
+    report = ClassifierPruneReport.measure(model, pruned, layers, input_shape, ratio=ratio, criterion=criterion,
+                                           scope=scope, seed=seed, kept=dict(record.kept),
+                                           members=dict(record.members), seconds=times)
     return pruned, report
