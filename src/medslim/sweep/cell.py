@@ -56,9 +56,9 @@ def train_cell(cell: Cell, ctx: SweepContext, out: Path) -> dict[str, Any]:
     config = out / "finetune.json"
     settings = {"final_validation": False, **(cell.settings or {}), "dataset_name": ctx.dataset,
                 "plans_name": ctx.plans, "configuration": ctx.configuration}
-    earlier = _earlier_attempt(folder / f"fold_{ctx.fold}", config, settings)
-    if earlier is None or not config_from_dict(settings, str(config)).can_continue:
-        earlier = None
+    resumable = config_from_dict(settings, str(config)).can_continue
+    earlier = _earlier_attempt(folder / f"fold_{ctx.fold}", config, settings) if resumable else None
+    if earlier is None:
         shutil.rmtree(results, ignore_errors=True)
     write_json(config, settings)
     env = {**os.environ, **ctx.env, "nnUNet_results": str(results), "MEDSLIM_CONFIG": str(config)}
