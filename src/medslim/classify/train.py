@@ -183,14 +183,11 @@ def fit(model: nn.Module, train_ds: Dataset, config: TrainConfig, trainable: set
     start = time.perf_counter()
     try:
         for epoch in range(config.epochs):
+            if hooks.epoch_start is not None:  # first: a hook may switch modes (SeReNe scores in eval)
+                hooks.epoch_start(model, epoch)
             model.train()
             for m in frozen_bn:
                 m.eval()
-            if hooks.epoch_start is not None:
-                hooks.epoch_start(model, epoch)
-                model.train()
-                for m in frozen_bn:
-                    m.eval()
             losses = []
             history["lr"].append(opt.param_groups[0]["lr"])
             for b, (x, y) in enumerate(loader):
