@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import t as scipy_t
 from typer.testing import CliRunner
 
 from medslim.cli import app
 from medslim.errors import MedslimError
 from medslim.report import write_report
-from medslim.report.load import cell_row, group_summary, match_controls, paired_deltas, pareto_mask, read_sweep
+from medslim.report.load import (cell_row, group_summary, match_baselines, match_controls, method_comparison,
+                                 paired_deltas, pareto_mask, read_sweep)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SEEDS = (0, 1, 2)
@@ -171,6 +173,8 @@ def test_table_rows_match_cells_and_groups(sweep, written):
     md = md_sections(written["markdown"].read_text(encoding="utf-8"))
     html = html_outline(written["html"]).tables
     expected = {"Cells": [cells], "Summary per group (test)": [groups], "Summary per group (validation)": [groups],
+                "Methods against hvs, paired by seed (test)": [1],
+                "Methods against hvs, paired by seed (validation)": [1],
                 "Per-class results (test, mean over seeds)": [5],  # the groups with a finished cell
                 "df0.3_p0.5_hvs": [5], "df0.5_p0.3_l1": [3],  # one row per layer
                 "Failed cells": [1]}
@@ -232,6 +236,60 @@ def test_control_matches_seed_and_finetune_settings():
                           row("z", "compressed", 1, kd_weight=0.5), row("w", "compressed", 7),
                           row("v", "compressed", 1)])  # seed 1's control has another fine-tune: none
     assert match_controls(cells).tolist() == ["ctl_a", "ctl_b", "ctl_c", "ctl_b", None, "ctl_c", None, None]
+
+
+def test_methods_against_hvs_equal_hand_computed_paired_t(sweep, written):
+    _, res = sweep
+    for split, label in (("test", "test"), ("val", "validation")):
+        scores = {k: v["metrics"][split] for k, v in res.items()}
+        row = method_comparison(read_sweep(sweep[0]).cells, "hvs", split).set_index("group").loc["df0.5_p0.3_l1"]
+        assert row["baseline"] == "df0.3_p0.5_hvs" and row["n_pairs"] == 3 and row["seeds"] == list(SEEDS)
+        rendered = next(r for r in md_sections(written["markdown"].read_text(encoding="utf-8"))[
+            f"Methods against hvs, paired by seed ({label})"][0])
+        cols = [c.strip() for c in rendered.split("|")[1:-1]]
+        for i, m in enumerate(("dice", "nsd1")):
+            d = np.array([scores[f"l1_s{s}"][m] - scores[f"hvs_s{s}"][m] for s in SEEDS])
+            t_stat = d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
+            p = 2 * float(scipy_t.sf(abs(t_stat), df=len(d) - 1))
+            assert row[f"d_{m}_mean"] == pytest.approx(d.mean(), abs=1e-12)
+            assert row[f"d_{m}_std"] == pytest.approx(d.std(ddof=1), abs=1e-12)
+            assert row[f"p_{m}"] == pytest.approx(p, rel=1e-9)
+            verdict = ("higher" if d.mean() > 0 else "lower") if p < 0.05 else "not told apart"
+            assert row[f"verdict_{m}"] == verdict
+            assert cols[5 + 3 * i] == f"{100 * d.mean():+.2f} ± {100 * d.std(ddof=1):.2f}"
+            assert cols[6 + 3 * i] == f"{p:.3f}" and cols[7 + 3 * i] == verdict
+
+
+def test_baseline_matches_seed_finetune_and_closest_ratio():
+    def row(cid, method, seed, ratio, status="ok", kind="compressed", **settings):
+        cell = {"id": cid, "kind": kind, "group": cid, "method": method, "seed": seed,
+                "settings": {**FINETUNE, **settings}}
+        result = {"ratio_params": ratio, "metrics": {"test": {"dice": 0.5, "nsd1": 0.6}}} if status == "ok" else None
+        return cell_row(cell, result, None)
+
+    cells = pd.DataFrame([row("h10", "hvs", 0, 10.0), row("h20", "hvs", 0, 20.0), row("h_lr", "hvs", 1, 10.0, lr=1e-5),
+                          row("h_pending", "hvs", 2, 10.0, status="pending"),
+                          row("a", "nisp", 0, 18.0),  # closest ratio: h20
+                          row("b", "nisp", 0, 11.0),  # h10
+                          row("c", "nisp", 1, 10.0),  # seed 1's hvs has another fine-tune: none
+                          row("d", "nisp", 1, 10.0, lr=1e-5),  # h_lr
+                          row("e", "nisp", 2, 10.0),  # seed 2's hvs is not finished: none
+                          row("f", "control", 0, 1.0, kind="control")])  # not compressed: none
+    assert match_baselines(cells, "hvs").tolist() == [None, None, None, None, "h20", "h10", None, "h_lr", None, None]
+    one = method_comparison(cells, "hvs").set_index("group")
+    assert set(one.index) == {"a", "b", "d"} and (one["verdict_dice"] == "not told apart").all()  # one pair each
+    assert one["p_dice"].isna().all() and one["d_dice_std"].isna().all()
+    assert method_comparison(cells, "taylor").empty
+
+
+def test_no_against_section_when_disabled(sweep, tmp_path):
+    md = write_report(sweep[0], tmp_path / "none", against=None)["markdown"].read_text(encoding="utf-8")
+    assert "Methods against" not in md and "Summary per group (test)" in md
+    cli = CliRunner().invoke(app, ["report", str(sweep[0]), "-o", str(tmp_path / "cli"), "--against", "consumer_l1"])
+    assert cli.exit_code == 0, cli.output
+    sections = md_sections((tmp_path / "cli" / "report.md").read_text(encoding="utf-8"))
+    rows = sections["Methods against consumer_l1, paired by seed (test)"][0]
+    assert [r.split("|")[1].strip() for r in rows] == ["df0.3_p0.5_hvs"]
 
 
 def test_pareto_mask_constructed_case():

@@ -257,12 +257,15 @@ def benchmark(
 def report(
     sweep_dir: Path = typer.Argument(..., help="sweep folder written by medslim sweep (sweep.json, cells/)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="folder for the report (default: SWEEP_DIR)"),
+    against: str = typer.Option("hvs", "--against", help="method the other compressed methods are compared with, "
+                                "paired by seed ('' for none)"),
 ) -> None:
     """Write report.md and a self-contained report.html (cells, per-group mean ± std and paired Δ
-    vs the control, Pareto fronts, per-layer ranks, per-class scores, failures) for a sweep."""
+    vs the control, methods paired against --against, Pareto fronts, per-layer ranks, per-class
+    scores, failures) for a sweep."""
     from medslim.report import write_report
 
-    paths = write_report(sweep_dir, output)
+    paths = write_report(sweep_dir, output, against=against or None)
     out_console.print(f"wrote {paths['markdown']}, {paths['html']} and {paths['figures']}/", highlight=False,
                       soft_wrap=True)
 

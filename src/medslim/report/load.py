@@ -232,6 +232,60 @@ def group_summary(deltas: pd.DataFrame, within_pp: float = 1.0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def match_baselines(cells: pd.DataFrame, method: str) -> pd.Series:
+    """For each compressed cell of another method, the id of the finished compressed cell of
+    ``method`` with the same seed and fine-tune settings (of several, the one whose parameter ratio
+    is closest); None for the rest. Pairs by seed, like :func:`match_controls`."""
+    base = cells[(cells["kind"] == "compressed") & (cells["method"] == method) & (cells["status"] == "ok")]
+
+    def pick(row: pd.Series) -> str | None:
+        if row["kind"] != "compressed" or row["method"] == method:
+            return None
+        key = finetune_key(row["settings"])
+        same = base[(base["seed"] == row["seed"]).to_numpy()
+                    & np.array([finetune_key(s) == key for s in base["settings"]], dtype=bool)]
+        if same.empty:
+            return None
+        gap = (same["ratio_params"] - row["ratio_params"]).abs().fillna(np.inf)
+        return str(same["id"].iloc[int(np.argmin(gap.to_numpy()))])
+
+    return pd.Series([pick(r) for _, r in cells.iterrows()], index=cells.index, dtype=object)
+
+
+def method_comparison(cells: pd.DataFrame, method: str, split: str = "test", alpha: float = 0.05) -> pd.DataFrame:
+    """Each compressed group of another method against ``method``'s cells of the same seeds and
+    fine-tune (:func:`match_baselines`): one row per group with a finished pair, in the cells'
+    order, with ``group method ratio_params baseline n_pairs seeds``, and for metric in
+    ``DELTA_METRICS`` ``d_<metric>_mean``/``_std`` (paired Δ = group − baseline, fractions; sample
+    std), ``p_<metric>`` (two-sided paired t-test, ``scipy.stats.ttest_rel``; NaN under 2 pairs or
+    when every Δ is equal) and ``verdict_<metric>``: ``"higher"``/``"lower"`` when p < ``alpha``,
+    else ``"not told apart"`` (the difference does not exceed the seed spread)."""
+    from scipy.stats import ttest_rel
+
+    if cells.empty:
+        return pd.DataFrame()
+    paired = cells.assign(baseline=match_baselines(cells, method))
+    paired = paired[paired["baseline"].notna() & (paired["status"] == "ok")]
+    by_id = cells.set_index("id")
+    rows = []
+    for group, g in paired.groupby("group", sort=False):
+        row: dict[str, Any] = {"group": group, "method": g["method"].iloc[0], "ratio_params": g["ratio_params"].mean(),
+                               "baseline": ", ".join(sorted(set(by_id.loc[g["baseline"], "group"]))),
+                               "n_pairs": len(g), "seeds": sorted(int(s) for s in g["seed"])}
+        for m in DELTA_METRICS:
+            a = g[f"{split}_{m}"].to_numpy(float)
+            b = by_id.loc[g["baseline"], f"{split}_{m}"].to_numpy(float)
+            d = a - b
+            several = len(d) > 1
+            row[f"d_{m}_mean"] = float(np.mean(d))
+            row[f"d_{m}_std"] = float(np.std(d, ddof=1)) if several else float("nan")
+            p = float(ttest_rel(a, b).pvalue) if several and np.ptp(d) > 0 else float("nan")
+            row[f"p_{m}"] = p
+            row[f"verdict_{m}"] = "not told apart" if not p < alpha else "higher" if np.mean(d) > 0 else "lower"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def pareto_mask(x: np.ndarray | pd.Series, y: np.ndarray | pd.Series) -> np.ndarray:
     """Boolean mask of the points not dominated when both ``x`` and ``y`` are maximised: no other
     point is ≥ in both and > in one (equal points are all kept). NaN points are never optimal."""

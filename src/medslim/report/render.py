@@ -20,8 +20,8 @@ import pandas as pd
 from medslim.atomic import atomic_file, atomic_folder
 from medslim.errors import MedslimError
 from medslim.report.figures import Figure, layers_figure, pareto_figure
-from medslim.report.load import (METRICS, SPLITS, Sweep, group_summary, layer_tables, paired_deltas, pareto_mask,
-                                 per_class_table, read_sweep)
+from medslim.report.load import (DELTA_METRICS, METRICS, SPLITS, Sweep, group_summary, layer_tables, method_comparison,
+                                 paired_deltas, pareto_mask, per_class_table, read_sweep)
 
 FIGURE_DIR = "report_figures"
 _METRIC_LABEL = {"dice": "Dice", "nsd1": "NSD@1 mm", "nsd3": "NSD@3 mm"}
@@ -71,6 +71,7 @@ giga = _fmt(lambda x: f"{x / 1e9:.3g} G")
 ratio = _fmt(lambda x: f"{x:.2f}")
 minutes = _fmt(lambda x: f"{x / 60:.1f} min")
 yes_no = _fmt(lambda x: "yes" if x else "no")
+p_value = _fmt(lambda x: f"{x:.3f}")
 
 
 def mean_std(mean: float, std: float, fn: Callable[[Any], str] = score) -> str:
@@ -80,7 +81,7 @@ def mean_std(mean: float, std: float, fn: Callable[[Any], str] = score) -> str:
 
 # --- content --------------------------------------------------------------------------------------
 
-def build_blocks(sweep: Sweep, within_pp: float = 1.0) -> list[Block]:
+def build_blocks(sweep: Sweep, within_pp: float = 1.0, against: str | None = "hvs") -> list[Block]:
     """Every section of the report, in order (see the module docstring of :mod:`medslim.report`)."""
     counts = sweep.counts()
     blocks: list[Block] = [
@@ -109,6 +110,7 @@ def build_blocks(sweep: Sweep, within_pp: float = 1.0) -> list[Block]:
     blocks.append(Paragraph(f"within {within_pp:g} pp of control: yes when the mean paired Δ of Dice and of "
                             f"NSD@1 mm are both ≥ −{within_pp:g} pp; — without a matched control."))
     blocks += _pareto_blocks(groups, within_pp) if counts["ok"] else []
+    blocks += _against_blocks(sweep, against) if against else []
     blocks += _layer_blocks(sweep, groups)
     blocks += _per_class_blocks(sweep, groups)
     failed = sweep.cells[sweep.cells["status"] == "failed"]
@@ -162,6 +164,37 @@ def _pareto_blocks(groups: pd.DataFrame, within_pp: float) -> list[Block]:
                                                    zip(front[f"test_{m}_mean"], front[f"test_{m}_std"])]
                       for m in ("dice", "nsd1")}}))]
     return blocks
+
+
+def against_table(c: pd.DataFrame, method: str) -> pd.DataFrame:
+    """One row per group of :func:`~medslim.report.load.method_comparison`'s table ``c``."""
+    cols: dict[str, Any] = {
+        "group": c["group"], "method": c["method"], "ratio (params)": c["ratio_params"].map(ratio),
+        f"{method} group": c["baseline"],
+        "pairs (seeds)": [f"{n} ({', '.join(map(str, s))})" for n, s in zip(c["n_pairs"], c["seeds"])]}
+    for m in DELTA_METRICS:
+        label = _METRIC_LABEL[m]
+        cols[f"Δ {label} (pp)"] = [mean_std(a, b, pp) for a, b in zip(c[f"d_{m}_mean"], c[f"d_{m}_std"])]
+        cols[f"p {label}"] = c[f"p_{m}"].map(p_value)
+        cols[f"{label} vs {method}"] = c[f"verdict_{m}"]
+    return pd.DataFrame(cols)
+
+
+def _against_blocks(sweep: Sweep, method: str, alpha: float = 0.05) -> list[Block]:
+    """Every other compressed method against ``method``, paired by seed and fine-tune; nothing when
+    no cell has such a pair."""
+    blocks: list[Block] = []
+    for split in SPLITS:
+        c = method_comparison(sweep.cells, method, split, alpha)
+        if c.empty:
+            return []
+        blocks += [Heading(2, f"Methods against {method}, paired by seed ({_SPLIT_LABEL[split]})"),
+                   Table(against_table(c, method))]
+    return blocks + [Paragraph(
+        f"Δ = the group's cell − the {method} cell of the same seed and fine-tune (of several, the one with the "
+        f"closest parameter ratio), mean ± sample std over the pairs; p of a two-sided paired t-test. 'higher' or "
+        f"'lower' only when p < {alpha:g}; 'not told apart' otherwise (also with one pair): the difference does "
+        f"not exceed the seed spread.")]
 
 
 def _layer_blocks(sweep: Sweep, groups: pd.DataFrame) -> list[Block]:
@@ -253,10 +286,13 @@ def data_tables(sweep: Sweep, within_pp: float) -> tuple[str, str]:
     return deltas.drop(columns=["settings"]).to_csv(index=False), groups.to_csv(index=False)
 
 
-def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, within_pp: float = 1.0) -> dict[str, Path]:
+def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, within_pp: float = 1.0,
+                 against: str | None = "hvs") -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and ``report_figures/*.png`` for the sweep in
     ``sweep_dir`` into ``out_dir`` (default ``sweep_dir``), each atomically (a temporary sibling,
     then a rename; an earlier report is replaced), with ``cells.csv``/``groups.csv`` (the numbers).
+    ``against`` names the method every other compressed method is compared with, paired by seed
+    (a section only when such pairs exist; None: never).
     Returns the paths written: ``markdown``, ``html``, ``figures`` (the folder), ``cells``, ``groups``.
 
     Raises:
@@ -266,7 +302,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, withi
     if not within_pp >= 0:
         raise MedslimError(f"within_pp must be ≥ 0 percentage points, got {within_pp}")
     sweep = read_sweep(sweep_dir)
-    blocks = build_blocks(sweep, within_pp)  # everything is rendered before anything is written
+    blocks = build_blocks(sweep, within_pp, against)  # everything is rendered before anything is written
     markdown, page = to_markdown(blocks), to_html(blocks)
     out = Path(out_dir).expanduser() if out_dir is not None else sweep.folder
     if out.exists() and not out.is_dir():
