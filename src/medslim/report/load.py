@@ -175,6 +175,14 @@ def finetune_key(settings: Mapping[str, Any]) -> tuple:
     return tuple(settings.get(k) for k in FINETUNE_KEYS)
 
 
+def same_seed_and_finetune(candidates: pd.DataFrame, seed: int, settings: Mapping[str, Any]) -> pd.DataFrame:
+    """The rows of ``candidates`` (cells) with this seed and the fine-tune settings of ``settings``:
+    the cells a cell is paired with."""
+    same_seed = candidates[candidates["seed"] == seed]
+    key = finetune_key(settings)
+    return same_seed[np.array([finetune_key(s) == key for s in same_seed["settings"]], dtype=bool)]
+
+
 def match_controls(cells: pd.DataFrame) -> pd.Series:
     """For each cell, the id of its control (or None): the finished ``control`` cell with the same
     seed and the same fine-tune settings. A control of another fine-tune is no control (the Δ
@@ -183,9 +191,7 @@ def match_controls(cells: pd.DataFrame) -> pd.Series:
     controls = cells[(cells["kind"] == "control") & (cells["status"] == "ok")]
 
     def pick(seed: int, settings: Mapping[str, Any]) -> str | None:
-        same_seed = controls[controls["seed"] == seed]
-        key = finetune_key(settings)
-        exact = same_seed[[finetune_key(s) == key for s in same_seed["settings"]]]
+        exact = same_seed_and_finetune(controls, seed, settings)
         return str(exact["id"].iloc[0]) if len(exact) else None
 
     return pd.Series([pick(s, st) for s, st in zip(cells["seed"], cells["settings"])], index=cells.index,
@@ -241,9 +247,7 @@ def match_baselines(cells: pd.DataFrame, method: str) -> pd.Series:
     def pick(row: pd.Series) -> str | None:
         if row["kind"] != "compressed" or row["method"] == method:
             return None
-        key = finetune_key(row["settings"])
-        same = base[(base["seed"] == row["seed"]).to_numpy()
-                    & np.array([finetune_key(s) == key for s in base["settings"]], dtype=bool)]
+        same = same_seed_and_finetune(base, row["seed"], row["settings"])
         if same.empty:
             return None
         gap = (same["ratio_params"] - row["ratio_params"]).abs().fillna(np.inf)
