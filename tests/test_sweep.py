@@ -16,6 +16,7 @@ from medslim.errors import MedslimError
 from medslim.finetune.hippocampus import DATASET
 from medslim.sweep import expand, load_sweep, run_sweep
 from medslim.sweep.cell import train_cell
+from medslim.sweep.runner import matches
 
 runner = CliRunner()
 
@@ -109,6 +110,17 @@ def test_bad_sweep_fails_before_any_work(tmp_path, overrides, message):
 
 
 @pytest.mark.slow
+def test_only_selects_whole_parts_of_cell_ids():
+    ids = ["original", "control__s1", "control__s12345", "compressed__df-0.25__criterion-hvs__s1",
+           "compressed__df-0.25__criterion-hvs_data__s1", "compressed__df-0.25__criterion-hvs__s2"]
+    pick = lambda pattern: [i for i in ids if matches(i, pattern)]  # noqa: E731
+    assert pick("control__s1") == ["control__s1"]  # not the seed-12345 control
+    assert pick("__s2") == ["compressed__df-0.25__criterion-hvs__s2"]
+    assert pick("criterion-hvs__s1") == ["compressed__df-0.25__criterion-hvs__s1"]
+    assert pick("df-0.25") == ids[3:] and pick("df-0.2") == [] and pick("original") == ["original"]
+    assert pick("") == [] and pick("__") == []
+
+
 def test_interrupted_sweep_resumes_without_recomputing(tmp_path, hippocampus_nnunet):
     work, _ = hippocampus_nnunet
     spec = load_sweep(sweep_file(tmp_path, work))

@@ -15,7 +15,7 @@ def sweep(
     executor: str = typer.Option("ray", "--executor", help="ray (one task per cell) | local (in this process)"),
     address: Optional[str] = typer.Option(None, "--address", help="an existing Ray cluster (default: a local instance)"),
     cpus_per_cell: float = typer.Option(2, "--cpus-per-cell", help="Ray CPUs per cell (= all cores here: one heavy job at a time)"),
-    only: Optional[list[str]] = typer.Option(None, "--only", help="run only cells whose id contains this (repeatable)"),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="run only cells whose id has these __-separated parts, e.g. s1, control__s2, criterion-hvs (repeatable)"),
     max_cells: Optional[int] = typer.Option(None, "--max-cells", help="stop after this many cells (resume later)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and whether they are finished; run nothing"),
 ) -> None:

@@ -25,8 +25,16 @@ EXECUTORS = ("ray", "local")
 RUN_ORDER = ("original", "compressed", "control", "scratch", "scratch_full")
 
 
+def matches(cell_id: str, pattern: str) -> bool:
+    """Whether ``pattern`` names whole ``__``-separated parts of ``cell_id``, in a row:
+    ``s1`` or ``control__s1`` select ``control__s1`` but not ``control__s12345``; ``criterion-hvs``
+    does not select ``criterion-hvs_data``."""
+    parts, wanted = cell_id.split("__"), [p for p in pattern.split("__") if p]
+    return bool(wanted) and any(parts[i:i + len(wanted)] == wanted for i in range(len(parts)))
+
+
 def plan_cells(spec: SweepSpec, sweep_dir: Path, only: Sequence[str] = ()) -> tuple[list[Cell], list[Cell]]:
-    """(all cells, the ones still to run). ``only``: substrings of cell ids to restrict to.
+    """(all cells, the ones still to run). ``only``: patterns (see ``matches``) of cell ids to restrict to.
 
     Raises:
         MedslimError: a finished cell was defined differently (another sweep file in this folder).
@@ -41,7 +49,7 @@ def plan_cells(spec: SweepSpec, sweep_dir: Path, only: Sequence[str] = ()) -> tu
             if (old["kind"], old["settings"]) != (cell.kind, cell.settings) and (folder / RESULT).is_file():
                 raise MedslimError(f"cell {cell.id} in {sweep_dir} was run with other settings; "
                                    "use a new sweep folder for a changed sweep file")
-        if not (folder / RESULT).is_file() and (not only or any(o in cell.id for o in only)):
+        if not (folder / RESULT).is_file() and (not only or any(matches(cell.id, o) for o in only)):
             todo.append(cell)
     return cells, todo
 
@@ -55,7 +63,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path, *, executor: str = "ray", 
         executor: ``ray`` (a local Ray instance, or the cluster at ``address``) or ``local``
             (in this process, one cell after another).
         cpus_per_cell: Ray CPUs per task (2 on a 2-core machine: one cell at a time).
-        only: run only cells whose id contains one of these strings.
+        only: run only cells whose id ``matches`` one of these patterns.
         max_cells: stop after this many cells (the rest stays pending for the next run).
         train: the fine-tune of a cell (``local`` only; Ray tasks use ``train_cell``).
     Returns:
