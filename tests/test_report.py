@@ -354,3 +354,38 @@ def test_cli(sweep, tmp_path):
     assert bad.exit_code == 2, bad.output
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "/nonexistent" in lines[0] and "Traceback" not in bad.output
+
+
+def test_restore_fills_lost_cells_from_an_earlier_cells_csv(sweep, written, tmp_path):
+    import shutil
+
+    root = tmp_path / "lost"
+    shutil.copytree(sweep[0], root)
+    lost = ["hvs_s1", "control_s2"]
+    for cid in lost:
+        (root / "cells" / cid / "result.json").unlink()  # the cell is pending again, its cell.json kept
+    assert read_sweep(root).counts()["pending"] == 3
+    out = write_report(root, tmp_path / "out", restore=written["cells"])
+    before, after = (pd.read_csv(p).set_index("id") for p in (written["cells"], out["cells"]))
+    numbers = ["params", "ratio_params", "test_dice", "test_nsd1", "val_dice", "d_test_dice", "d_val_nsd1"]
+    pd.testing.assert_frame_equal(after.loc[before.index, numbers], before[numbers])  # Δ recomputed identically
+    assert sorted(after.index[after["restored"]]) == sorted(lost)
+    groups_before, groups_after = (pd.read_csv(p).set_index("group") for p in (written["groups"], out["groups"]))
+    cols = ["n_seeds", "test_dice_mean", "test_dice_std", "d_test_nsd1_mean"]
+    pd.testing.assert_frame_equal(groups_after[cols], groups_before[cols])
+    md = out["markdown"].read_text(encoding="utf-8")
+    assert "2 of the ok cells were not in this folder" in md and "control_s2" in md
+    assert read_sweep(root).counts()["pending"] == 3  # the sweep folder itself is not changed
+
+
+def test_restore_refuses_a_csv_of_another_sweep(sweep, written, tmp_path):
+    other = pd.read_csv(written["cells"])
+    other.loc[other["id"] == "pending_s0", ["status", "seed"]] = ["ok", 7]
+    other.to_csv(tmp_path / "other.csv", index=False)
+    with pytest.raises(MedslimError, match="cell pending_s0 has seed 7 there but 0"):
+        write_report(sweep[0], tmp_path / "o1", restore=tmp_path / "other.csv")
+    (tmp_path / "bad.csv").write_text("id,status\nx,ok\n")
+    cli = CliRunner().invoke(app, ["report", str(sweep[0]), "-o", str(tmp_path / "o2"),
+                                   "--restore", str(tmp_path / "bad.csv")])
+    assert cli.exit_code == 2 and "not a cells.csv of medslim report" in cli.stderr, cli.output
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

@@ -259,13 +259,15 @@ def report(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="folder for the report (default: SWEEP_DIR)"),
     against: str = typer.Option("hvs", "--against", help="method the other compressed methods are compared with, "
                                 "paired by seed ('' for none)"),
+    restore: Optional[Path] = typer.Option(None, "--restore", help="cells.csv of an earlier report: fills cells "
+                                           "pending in SWEEP_DIR (e.g. after the sweep folder was lost)"),
 ) -> None:
     """Write report.md and a self-contained report.html (cells, per-group mean ± std and paired Δ
     vs the control, methods paired against --against, Pareto fronts, per-layer ranks, per-class
     scores, failures) for a sweep."""
     from medslim.report import write_report
 
-    paths = write_report(sweep_dir, output, against=against or None)
+    paths = write_report(sweep_dir, output, against=against or None, restore=restore)
     out_console.print(f"wrote {paths['markdown']}, {paths['html']} and {paths['figures']}/", highlight=False,
                       soft_wrap=True)
 

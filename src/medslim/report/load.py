@@ -15,7 +15,7 @@ A cell with neither ``result.json`` nor ``error.json`` is pending. Metrics are f
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,6 +46,7 @@ class Sweep:
     meta: dict[str, Any]
     cells: pd.DataFrame
     results: dict[str, dict[str, Any]]
+    restored: tuple[str, ...] = ()  # ids of cells whose numbers came from an earlier cells.csv
 
     @property
     def seeds(self) -> list[int]:
@@ -109,6 +110,45 @@ def read_sweep(folder: str | Path) -> Sweep:
                  .sort_values(["_k", "group", "seed", "id"], kind="stable").drop(columns="_k")
                  .reset_index(drop=True))
     return Sweep(folder, str(meta.get("name") or folder.name), meta, cells, results)
+
+
+_RESTORED_COLUMNS = ("params", "flops", "ratio_params", "ratio_flops", "updates", "train_seconds", "cpu_seconds",
+                     "resumed_at_epoch", *(f"{s}_{m}" for s in SPLITS for m in METRICS))
+
+
+def restore_cells(sweep: Sweep, csv: str | Path) -> Sweep:
+    """``sweep`` with its pending cells filled from ``csv``, the ``cells.csv`` of an earlier report
+    (e.g. of a sweep folder that was lost): a cell pending here and ``ok`` there takes that row's
+    sizes, times and scores. Per-class scores and per-layer ranks are not in a CSV, so those
+    tables leave restored cells out. Finished and failed cells here are never replaced.
+
+    Raises:
+        MedslimError: ``csv`` unreadable or without the columns of ``cells.csv``, or a row whose
+            kind, group, method or seed differs from the cell of the same id here.
+    """
+    try:
+        old = pd.read_csv(Path(csv).expanduser(), dtype={"id": str})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise MedslimError(f"{csv}: cannot be read as a cells.csv ({' '.join(str(e).split())})") from None
+    missing = [c for c in (*_CELL_KEYS, "status", *_RESTORED_COLUMNS) if c not in old.columns]
+    if missing:
+        raise MedslimError(f"{csv}: not a cells.csv of medslim report (missing column(s) {', '.join(missing)})")
+    old = old[old["status"] == "ok"].set_index("id")
+    cells, results, restored = sweep.cells.copy(), dict(sweep.results), []
+    for i, row in cells.iterrows():
+        if row["status"] != "pending" or row["id"] not in old.index:
+            continue
+        prior = old.loc[row["id"]]
+        for key in ("kind", "group", "method", "seed"):
+            if str(prior[key]) != str(row[key]):
+                raise MedslimError(f"{csv}: cell {row['id']} has {key} {prior[key]} there but {row[key]} "
+                                   f"in {sweep.folder}; not the same sweep")
+        for col in _RESTORED_COLUMNS:
+            cells.at[i, col] = _num(prior[col])
+        cells.at[i, "status"] = "ok"
+        results[row["id"]] = {"restored_from": str(csv)}
+        restored.append(str(row["id"]))
+    return replace(sweep, cells=cells, results=results, restored=sweep.restored + tuple(restored))
 
 
 def _definition(cell_dir: Path, result: dict | None, error: dict | None) -> tuple[dict[str, Any], Path]:

@@ -21,7 +21,7 @@ from medslim.atomic import atomic_file, atomic_folder
 from medslim.errors import MedslimError
 from medslim.report.figures import Figure, layers_figure, pareto_figure
 from medslim.report.load import (DELTA_METRICS, METRICS, SPLITS, Sweep, group_summary, layer_tables, method_comparison,
-                                 paired_deltas, pareto_mask, per_class_table, read_sweep)
+                                 paired_deltas, pareto_mask, per_class_table, read_sweep, restore_cells)
 
 FIGURE_DIR = "report_figures"
 _METRIC_LABEL = {"dice": "Dice", "nsd1": "NSD@1 mm", "nsd3": "NSD@3 mm"}
@@ -89,6 +89,11 @@ def build_blocks(sweep: Sweep, within_pp: float = 1.0, against: str | None = "hv
         Paragraph(f"{len(sweep.cells)} cells: {counts['ok']} ok, {counts['failed']} failed, {counts['pending']} "
                   f"pending. Seeds: {', '.join(map(str, sweep.seeds)) or '—'}. Folder: {sweep.folder}."),
     ]
+    if sweep.restored:
+        blocks.append(Paragraph(
+            f"{len(sweep.restored)} of the ok cells were not in this folder and are restored from an earlier "
+            f"report's cells.csv (sizes, times and scores only; the per-layer and per-class tables leave them "
+            f"out): {', '.join(sweep.restored)}."))
     settings = {k: sweep.meta[k] for k in ("grid", "finetune") if k in sweep.meta}
     if settings:
         blocks.append(Paragraph(f"Settings of the last sweep file run in this folder ({sweep.name}):"))
@@ -283,16 +288,18 @@ def data_tables(sweep: Sweep, within_pp: float) -> tuple[str, str]:
         return "", ""
     deltas = paired_deltas(sweep.cells)
     groups = group_summary(deltas, within_pp)
-    return deltas.drop(columns=["settings"]).to_csv(index=False), groups.to_csv(index=False)
+    cells = deltas.drop(columns=["settings"]).assign(restored=deltas["id"].isin(sweep.restored))
+    return cells.to_csv(index=False), groups.to_csv(index=False)
 
 
 def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, within_pp: float = 1.0,
-                 against: str | None = "hvs") -> dict[str, Path]:
+                 against: str | None = "hvs", restore: str | Path | None = None) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and ``report_figures/*.png`` for the sweep in
     ``sweep_dir`` into ``out_dir`` (default ``sweep_dir``), each atomically (a temporary sibling,
     then a rename; an earlier report is replaced), with ``cells.csv``/``groups.csv`` (the numbers).
     ``against`` names the method every other compressed method is compared with, paired by seed
-    (a section only when such pairs exist; None: never).
+    (a section only when such pairs exist; None: never). ``restore``: an earlier report's
+    ``cells.csv`` that fills cells pending here (:func:`~medslim.report.load.restore_cells`).
     Returns the paths written: ``markdown``, ``html``, ``figures`` (the folder), ``cells``, ``groups``.
 
     Raises:
@@ -302,6 +309,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, withi
     if not within_pp >= 0:
         raise MedslimError(f"within_pp must be ≥ 0 percentage points, got {within_pp}")
     sweep = read_sweep(sweep_dir)
+    if restore is not None:
+        sweep = restore_cells(sweep, restore)
     blocks = build_blocks(sweep, within_pp, against)  # everything is rendered before anything is written
     markdown, page = to_markdown(blocks), to_html(blocks)
     out = Path(out_dir).expanduser() if out_dir is not None else sweep.folder
