@@ -109,7 +109,6 @@ def test_bad_sweep_fails_before_any_work(tmp_path, overrides, message):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
 def test_only_selects_whole_parts_of_cell_ids():
     ids = ["original", "control__s1", "control__s12345", "compressed__df-0.25__criterion-hvs__s1",
            "compressed__df-0.25__criterion-hvs_data__s1", "compressed__df-0.25__criterion-hvs__s2"]
@@ -121,6 +120,7 @@ def test_only_selects_whole_parts_of_cell_ids():
     assert pick("") == [] and pick("__") == []
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_recomputing(tmp_path, hippocampus_nnunet):
     work, _ = hippocampus_nnunet
     spec = load_sweep(sweep_file(tmp_path, work))

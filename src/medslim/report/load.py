@@ -32,6 +32,10 @@ DELTA_METRICS = ("dice", "nsd1")
 FINETUNE_KEYS = ("optimizer", "lr", "epochs", "iterations", "kd_weight", "kd_temperature", "lr_schedule",
                  "weight_decay")
 _CELL_KEYS = ("id", "kind", "group", "method", "seed")
+# a finished cell's numbers besides its scores (read from result.json, or restored from a cells.csv)
+_RESULT_KEYS = ("params", "flops", "ratio_params", "ratio_flops", "updates", "train_seconds", "cpu_seconds",
+                "resumed_at_epoch")
+_SCORE_COLUMNS = tuple(f"{s}_{m}" for s in SPLITS for m in METRICS)
 
 
 @dataclass(frozen=True)
@@ -112,8 +116,7 @@ def read_sweep(folder: str | Path) -> Sweep:
     return Sweep(folder, str(meta.get("name") or folder.name), meta, cells, results)
 
 
-_RESTORED_COLUMNS = ("params", "flops", "ratio_params", "ratio_flops", "updates", "train_seconds", "cpu_seconds",
-                     "resumed_at_epoch", *(f"{s}_{m}" for s in SPLITS for m in METRICS))
+_RESTORED_COLUMNS = (*_RESULT_KEYS, *_SCORE_COLUMNS)
 
 
 def restore_cells(sweep: Sweep, csv: str | Path) -> Sweep:
@@ -139,7 +142,7 @@ def restore_cells(sweep: Sweep, csv: str | Path) -> Sweep:
         if row["status"] != "pending" or row["id"] not in old.index:
             continue
         prior = old.loc[row["id"]]
-        for key in ("kind", "group", "method", "seed"):
+        for key in _CELL_KEYS[1:]:
             if str(prior[key]) != str(row[key]):
                 raise MedslimError(f"{csv}: cell {row['id']} has {key} {prior[key]} there but {row[key]} "
                                    f"in {sweep.folder}; not the same sweep")
@@ -162,9 +165,7 @@ def _definition(cell_dir: Path, result: dict | None, error: dict | None) -> tupl
 
 
 def _row_columns() -> tuple[str, ...]:
-    return (*_CELL_KEYS, "status", "error", "settings", "params", "flops", "ratio_params", "ratio_flops",
-            "updates", "train_seconds", "cpu_seconds", "resumed_at_epoch",
-            *(f"{s}_{m}" for s in SPLITS for m in METRICS))
+    return (*_CELL_KEYS, "status", "error", "settings", *_RESULT_KEYS, *_SCORE_COLUMNS)
 
 
 def cell_row(cell: Mapping[str, Any], result: Mapping[str, Any] | None, error: Mapping[str, Any] | None,
@@ -192,8 +193,7 @@ def cell_row(cell: Mapping[str, Any], result: Mapping[str, Any] | None, error: M
     if result is None and error is not None:
         row["error"] = " ".join(str(error.get("error") or "failed (no message)").split())
     res = result or {}
-    for key in ("params", "flops", "ratio_params", "ratio_flops", "updates", "train_seconds", "cpu_seconds",
-                "resumed_at_epoch"):
+    for key in _RESULT_KEYS:
         row[key] = _num(res.get(key))
     metrics = res.get("metrics") or {}
     for split in SPLITS:
