@@ -245,7 +245,7 @@ class nnUNetTrainerMedslim(nnUNetTrainer):
 
     def _calibration_for(self, stage) -> tuple:
         """Calibration batches when ``stage`` scores channels with a data-aware criterion, else ``(None, None)``."""
-        data_aware = stage.prune_ratio > 0 and stage.criterion in NEEDS_CALIBRATION
+        data_aware = stage.prunes and stage.criterion in NEEDS_CALIBRATION  # a ratio or the α rule
         return self._calibration_batches() if data_aware else (None, None)
 
     def _adopt(self, net: torch.nn.Module) -> dict:

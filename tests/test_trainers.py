@@ -175,6 +175,29 @@ def test_iterative_trainer_compresses_in_stages_and_rebuilds_from_its_plans(work
 
 
 @pytest.mark.slow
+def test_relief_alpha_rule_scores_on_training_batches(workdir, tmp_path):
+    """NN-Relief's α rule (no fixed ratio) needs calibration data: the trainer feeds it training
+    batches, and each layer keeps fewer channels than it had."""
+    work, env = workdir
+    config = tmp_path / "alpha.json"
+    config.write_text(json.dumps({"epochs": 1, "iterations": 1, "val_iterations": 1, "df": 0.25,
+                                  "criterion": "relief", "alpha": 0.9, "calibration_batches": 1,
+                                  "final_validation": False}))
+    results = tmp_path / "results"
+    run = train(dict(env, MEDSLIM_CONFIG=str(config), nnUNet_results=str(results)), TRAINER,
+                "-pretrained_weights", str(CKPT))
+    assert run.returncode == 0, run.stderr[-3000:]
+    folder = results / DATASET / f"{TRAINER}__{PLANS}__3d_fullres"
+    spec = json.loads((folder / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"][
+        "arch_kwargs"]["compression"]
+    assert spec["provenance"]["config"]["alpha"] == 0.9
+    before = torch.load(CKPT, map_location="cpu", weights_only=False)["network_weights"]
+    # kept channels are named by the Tucker block's last conv ("….conv.restore"); the original is "….conv"
+    widths = {name: before[f"{name.removesuffix('.restore')}.weight"].shape[0] for name in spec["kept"]}
+    assert spec["kept"] and any(len(kept) < widths[name] for name, kept in spec["kept"].items())
+
+
+@pytest.mark.slow
 def test_scratch_trainer_keeps_the_architecture_and_redraws_the_weights(workdir, trained):
     folder = trained_folder(workdir, "nnUNetTrainerMedslimScratch", 1, 1) / "fold_0"
     scratch = torch.load(folder / "checkpoint_compressed.pth", map_location="cpu", weights_only=False)["network_weights"]
@@ -256,6 +279,7 @@ def test_schedules_and_overrides(tmp_path):
     ({"init": "zeros"}, "unknown init 'zeros'"),
     ({"steps": 5, "epochs": 4}, "steps (5) must not exceed epochs (4)"),
     ({"steps": 2, "prune_site": "rank"}, "supports prune_site 'outer' only"),
+    ({"steps": 2, "epochs": 4, "criterion": "relief", "alpha": 0.9}, "with iterative compression (steps > 1) is not supported"),
     ({"prune_ratio": 0.3}, "the trainer fixes prune_ratio=0.5"),
 ])
 def test_config_errors(tmp_path, config, message):

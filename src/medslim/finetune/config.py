@@ -136,6 +136,9 @@ class FinetuneConfig(CompressionSettings):
             raise MedslimError(f"rank_min must be >= 1, got {self.rank_min}")
         if self.steps > self.epochs:
             raise MedslimError(f"steps ({self.steps}) must not exceed epochs ({self.epochs}): one stage per epoch at most")
+        if self.steps > 1 and self.alpha is not None:
+            raise MedslimError("alpha (relief's α rule) with iterative compression (steps > 1) is not supported: "
+                               "the later stages would not prune")
         if self.steps > 1 and self.prune_site != "outer":
             raise MedslimError("iterative compression (steps > 1) supports prune_site 'outer' only")
         if self.compress:
