@@ -50,6 +50,17 @@ def trained_folder(workdir: tuple[Path, dict[str, str]], trainer: str, epochs: i
     return work / "nnUNet_results" / DATASET / f"{trainer}__{PLANS}__3d_fullres"
 
 
+def train_with_config(workdir: tuple[Path, dict[str, str]], tmp_path: Path, config: dict) -> Path:
+    """Run ``TRAINER`` from the reference checkpoint with ``config`` into ``tmp_path``; its results folder."""
+    work, env = workdir
+    path = tmp_path / "medslim.json"
+    path.write_text(json.dumps(config))
+    results = tmp_path / "results"
+    run = train(dict(env, MEDSLIM_CONFIG=str(path), nnUNet_results=str(results)), TRAINER, "-pretrained_weights", str(CKPT))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return results / DATASET / f"{TRAINER}__{PLANS}__3d_fullres"
+
+
 @pytest.fixture(scope="module")
 def workdir(hippocampus_nnunet) -> tuple[Path, dict[str, str]]:
     work, env = hippocampus_nnunet
@@ -153,15 +164,8 @@ def test_kd_trainer_distills_from_the_pretrained_model(workdir):
 
 @pytest.mark.slow
 def test_iterative_trainer_compresses_in_stages_and_rebuilds_from_its_plans(workdir, tmp_path):
-    work, env = workdir
-    config = tmp_path / "steps.json"
-    config.write_text(json.dumps({"epochs": 2, "iterations": 1, "val_iterations": 1, "df": 0.25, "steps": 2,
-                                  "final_validation": False}))
-    results = tmp_path / "results"
-    run = train(dict(env, MEDSLIM_CONFIG=str(config), nnUNet_results=str(results)), TRAINER,
-                "-pretrained_weights", str(CKPT))
-    assert run.returncode == 0, run.stderr[-3000:]
-    folder = results / DATASET / f"{TRAINER}__{PLANS}__3d_fullres"
+    folder = train_with_config(workdir, tmp_path, {"epochs": 2, "iterations": 1, "val_iterations": 1, "df": 0.25,
+                                                   "steps": 2, "final_validation": False})
     log = next((folder / "fold_0").glob("training_log_*.txt")).read_text()
     assert "medslim: stage 2/2 at epoch 1" in log
     from medslim.load import load_results_folder
@@ -178,16 +182,9 @@ def test_iterative_trainer_compresses_in_stages_and_rebuilds_from_its_plans(work
 def test_relief_alpha_rule_scores_on_training_batches(workdir, tmp_path):
     """NN-Relief's α rule (no fixed ratio) needs calibration data: the trainer feeds it training
     batches, and each layer keeps fewer channels than it had."""
-    work, env = workdir
-    config = tmp_path / "alpha.json"
-    config.write_text(json.dumps({"epochs": 1, "iterations": 1, "val_iterations": 1, "df": 0.25,
-                                  "criterion": "relief", "alpha": 0.9, "calibration_batches": 1,
-                                  "final_validation": False}))
-    results = tmp_path / "results"
-    run = train(dict(env, MEDSLIM_CONFIG=str(config), nnUNet_results=str(results)), TRAINER,
-                "-pretrained_weights", str(CKPT))
-    assert run.returncode == 0, run.stderr[-3000:]
-    folder = results / DATASET / f"{TRAINER}__{PLANS}__3d_fullres"
+    folder = train_with_config(workdir, tmp_path, {"epochs": 1, "iterations": 1, "val_iterations": 1, "df": 0.25,
+                                                   "criterion": "relief", "alpha": 0.9, "calibration_batches": 1,
+                                                   "final_validation": False})
     spec = json.loads((folder / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"][
         "arch_kwargs"]["compression"]
     assert spec["provenance"]["config"]["alpha"] == 0.9
