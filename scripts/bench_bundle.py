@@ -12,10 +12,11 @@ bundle's own ``python -m monai.bundle run`` workflows in copies under a work fol
      fine-tune (+ ``distill.json`` with ``--kd-weight`` > 0), same budget and seeds; scored as 1;
 and writes ``benchmarks/results/bundle_hippocampus/`` (``results.json``, ``results.csv``,
 ``summary.md``: parameters, FLOPs, wall times, cases, commands, mean ± sd over seeds, paired
-Δ compressed − control, and whether the compressed bundle is within 1 pp Dice of the control).
+Δ compressed − control (and − scratch), and whether the compressed bundle is within 1 pp Dice of the control).
 
-Real benchmark (3 seeds; the reference trained for 100 epochs with the source's channels):
-  OMP_NUM_THREADS=1 python scripts/bench_bundle.py BUNDLE --seeds 0 1 2 --epochs 20 --val-interval 5
+Real benchmark (3 seeds; the reference trained for 100 epochs with the source's channels, so the
+from-scratch control gets the same 100):
+  python scripts/bench_bundle.py BUNDLE --seeds 0 1 2 --epochs 20 --val-interval 5 --scratch-epochs 100
 Rewrite summary.md from results.json: python scripts/bench_bundle.py BUNDLE --summary-only
 Tiny run (the test): ... BUNDLE --train-reference --reference-epochs 1 --reference-val-interval 1
   --channels 4,8,16,32,64 --epochs 1 --val-interval 1 --seeds 3 --train-cases 4 --val-cases 2 --test-cases 2
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--criterion", default="hvs", help="compress-bundle --criterion")
     ap.add_argument("--compress-seed", type=int, default=0, help="compress-bundle --seed")
     ap.add_argument("--kd-weight", type=float, default=0.0, help="> 0: the compressed fine-tune adds distill.json")
+    ap.add_argument("--scratch-epochs", type=int, default=0,
+                    help="> 0: also train the compressed architecture from scratch for this many epochs "
+                         "(fair: the reference's own budget)")
     ap.add_argument("--train-cases", type=int, help="train on the first N training cases only (tests)")
     ap.add_argument("--val-cases", type=int, help="validate on the first N validation cases only (tests)")
     ap.add_argument("--test-cases", type=int, help="score the first N test cases only (tests)")
@@ -75,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         bench_report.write_results(args.out, json.loads((args.out / "results.json").read_text()))
         print((args.out / "summary.md").read_text())
         return 0
-    config = bench.BenchConfig(args.epochs, args.val_interval, tuple(args.seeds), args.df, args.prune, args.criterion,
-                               args.compress_seed, args.kd_weight, args.train_cases, args.val_cases, args.test_cases)
+    config = bench.BenchConfig(
+        epochs=args.epochs, val_interval=args.val_interval, seeds=tuple(args.seeds), df=args.df, prune=args.prune,
+        criterion=args.criterion, compress_seed=args.compress_seed, kd_weight=args.kd_weight,
+        scratch_epochs=args.scratch_epochs, train_cases=args.train_cases, val_cases=args.val_cases,
+        test_cases=args.test_cases)
     reference = args.bundle.resolve()
     if args.workdir is not None:
         bench.check_work(args.workdir)  # before training the reference

@@ -1,7 +1,8 @@
 """``scripts/bench_bundle.py`` (``medslim.bundle.bench``): the reference bundle, the control
-fine-tune and the compressed bundle + the same fine-tune, all through the bundle's own
-``monai.bundle run`` workflows, end to end at a tiny budget (reference and fine-tunes: 1 epoch
-over 4 training cases, 2 validation cases, 2 test cases, channels 4–64, one seed), on real
+fine-tune, the compressed bundle + the same fine-tune and the compressed architecture from
+scratch, all through the bundle's own ``monai.bundle run`` workflows, end to end at a tiny
+budget (reference, fine-tunes and scratch: 1 epoch over 4 training cases, 2 validation cases, 2
+test cases, channels 4–64, one seed), on real
 Hippocampus data and the repo split; the aggregation and verdict on hand-made 3-seed results."""
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def tiny(tmp_path_factory, one_thread):
                     "--reference-val-interval", "1", "--reference-seed", "7", "--channels", "4,8,16,32,64",
                     "--epochs", "1", "--val-interval", "1", "--seeds", str(SEED), "--train-cases", str(N_TRAIN),
                     "--val-cases", str(N_VAL), "--test-cases", str(N_TEST), "--df", "0.5", "--prune", "0.5",
-                    "--workdir", str(work), "--out", str(out)) == 0
+                    "--scratch-epochs", "1", "--workdir", str(work), "--out", str(out)) == 0
     return json.loads((out / "results.json").read_text()), out, work
 
 
@@ -55,9 +56,9 @@ def rows(results):
     return {r["model"]: r for r in results["runs"]}
 
 
-def test_three_rows_with_finite_dice_and_nsd_per_class(tiny):
+def test_four_rows_with_finite_dice_and_nsd_per_class(tiny):
     results, _, _ = tiny
-    assert [r["model"] for r in results["runs"]] == ["original", "control", "compressed"]
+    assert [r["model"] for r in results["runs"]] == ["original", "control", "compressed", "scratch"]
     for r in results["runs"]:
         for prefix in ("dice", "nsd1", "nsd3"):
             for name in (*CLASSES, "mean"):
@@ -79,8 +80,8 @@ def test_compressed_has_fewer_parameters_and_flops_than_the_original(tiny):
     assert sizes["compressed"]["flops"] < sizes["original"]["flops"]
     # the original is counted as compress-bundle counts its "before"
     assert sizes["compressed"]["before"] == {k: sizes["original"][k] for k in ("params", "flops")}
-    assert (by["control"]["params"], by["compressed"]["params"]) == (sizes["original"]["params"],
-                                                                     sizes["compressed"]["params"])
+    assert (by["control"]["params"], by["compressed"]["params"], by["scratch"]["params"]) == (
+        sizes["original"]["params"], sizes["compressed"]["params"], sizes["compressed"]["params"])
     # the fine-tuned compressed bundle's own config rebuilds a network of that size
     parser = ConfigParser()
     parser.read_config(str(work / f"compressed_s{SEED}" / "configs" / "inference.json"))
@@ -104,6 +105,14 @@ def test_control_and_compressed_share_budget_seed_and_cases(tiny):
         assert "configs/finetune.json" in r["train_command"] and "distill.json" not in r["train_command"]
         assert "'$@val_datalist[:2]'" in r["train_command"] and "'$@test_datalist[:2]'" in r["evaluate_command"]
     assert sum("compress-bundle" in c for c in results["commands"]) == 1
+    # the scratch control: the compressed bundle's train.json alone (no overlay loads weights), same cases
+    scratch = by["scratch"]
+    assert (scratch["trained_by"], scratch["epochs"], scratch["seed"]) == ("from scratch", 1, SEED)
+    assert "configs/train.json" in scratch["train_command"] and "finetune.json" not in scratch["train_command"]
+    assert (scratch["train_cases"], scratch["val_cases"]) == (control["train_cases"], control["val_cases"])
+    start = torch.load(work / "compressed" / "models" / "model.pt", weights_only=True)
+    trained = torch.load(work / f"scratch_s{SEED}" / "models" / "model.pt", weights_only=True)
+    assert trained.keys() == start.keys() and any(not torch.equal(trained[k], start[k]) for k in start)
     assert results["config"]["seeds"] == [SEED] and results["config"]["epochs"] == 1
 
 
@@ -116,7 +125,7 @@ def test_test_cases_are_the_split_test_cases_and_never_trained_on(tiny):
     for r in results["runs"]:
         assert r["test_cases"] == test and sorted(r["per_case_dice"]) == sorted(test)
         assert not (set(r["train_cases"]) | set(r["val_cases"])) & set(test)
-    for folder in ("original", f"control_s{SEED}", f"compressed_s{SEED}"):
+    for folder in ("original", f"control_s{SEED}", f"compressed_s{SEED}", f"scratch_s{SEED}"):
         saved = sorted(p.name for p in (work / folder / "eval" / "predictions").iterdir())
         assert saved == [f"{c}.nii.gz" for c in test]
 
@@ -125,7 +134,7 @@ def test_csv_agrees_with_json(tiny):
     results, out, _ = tiny
     with open(out / "results.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == len(results["runs"]) == 3
+    assert len(table) == len(results["runs"]) == 4
     for line, run in zip(table, results["runs"]):
         assert (line["model"], line["trained_by"]) == (run["model"], run["trained_by"])
         assert int(line["n_test_cases"]) == len(run["test_cases"]) == N_TEST
@@ -146,8 +155,12 @@ def test_summary_numbers_are_the_json_numbers(tiny):
     assert results["verdict"]["within"] is within
     assert f"is {'' if within else 'not '}within 1 pp Dice of the control (at most 1 pp below it)" in text
     assert f"of {100 * delta:+.2f} pp over 1 seed(s)" in text and "not a headline number" in text
-    for model in ("control", "compressed"):
+    for model in ("control", "compressed", "scratch"):
         assert f"{agg[model]['dice_mean']['mean']:.4f}" in text
+    ds = by["compressed"]["metrics"]["dice_mean"] - by["scratch"]["metrics"]["dice_mean"]
+    assert results["delta_scratch"]["dice_mean"]["per_seed"] == {str(SEED): ds}
+    assert f"trained from scratch (1 epoch(s))" in text and f"seed {SEED}: {100 * ds:+.2f})" in text
+    assert f"it is higher on {int(ds > 0)} of 1 seed(s)" in text
     for r in results["runs"]:
         assert f"| {r['metrics']['nsd1_mean']:.4f} | {r['metrics']['nsd3_mean']:.4f} |" in text
     sizes = results["sizes"]
@@ -161,12 +174,13 @@ def test_summary_numbers_are_the_json_numbers(tiny):
     assert {name: (out / name).read_text() for name in written} == written
 
 
-def _runs(control: list[float], compressed: list[float]) -> list[dict]:
+def _runs(control: list[float], compressed: list[float], scratch: list[float] = ()) -> list[dict]:
     def row(model, seed, dice):
         return {"model": model, "seed": seed, "train_wall_s": 10.0 if seed is not None else None,
                 "metrics": {"dice_mean": dice, "nsd1_mean": dice}}
     return ([row("original", None, 0.85)] + [row("control", s, d) for s, d in enumerate(control)]
-            + [row("compressed", s, d) for s, d in enumerate(compressed)])
+            + [row("compressed", s, d) for s, d in enumerate(compressed)]
+            + [row("scratch", s, d) for s, d in enumerate(scratch)])
 
 
 def test_verdict_and_paired_differences_on_three_seeds():
@@ -190,6 +204,21 @@ def test_verdict_and_paired_differences_on_three_seeds():
     two = bench_report.compare(_runs([0.80, 0.82], [0.80, 0.82]))
     assert two["verdict"]["within"] and not two["verdict"]["headline"]
     assert "With 2 seed(s) this is not a headline number" in bench_report.verdict_text(two)
+    assert "scratch" not in two["aggregate"] and "delta_scratch" not in two
+
+
+def test_paired_difference_against_the_scratch_control():
+    results = bench_report.compare(_runs([0.80, 0.82, 0.84], [0.795, 0.805, 0.835], [0.70, 0.81, 0.85]))
+    ds = results["delta_scratch"]["dice_mean"]
+    assert ds["per_seed"] == pytest.approx({"0": 0.095, "1": -0.005, "2": -0.015})
+    assert ds["mean"] == pytest.approx(0.025) and ds["n"] == 3
+    assert results["aggregate"]["scratch"]["dice_mean"]["mean"] == pytest.approx(2.36 / 3)
+    # the verdict is still against the control
+    assert results["verdict"]["within"] and results["delta"]["dice_mean"]["mean"] == pytest.approx(-0.025 / 3)
+    text = bench_report.verdict_text({**results, "config": {"scratch_epochs": 100}})
+    assert "trained from scratch (100 epoch(s)), whose mean test Dice is 0.7867 ± 0.0777" in text
+    assert "differs by +2.50 ± 6.08 pp (paired, compressed − scratch; seed 0: +9.50, seed 1: -0.50, seed 2: -1.50)" in text
+    assert "it is higher on 1 of 3 seed(s)" in text
 
 
 def test_settings_and_inputs_are_checked_before_any_work(tmp_path):
@@ -201,6 +230,8 @@ def test_settings_and_inputs_are_checked_before_any_work(tmp_path):
         bench.BenchConfig(epochs=1, val_interval=1, seeds=(0,), df=2.0)
     with pytest.raises(MedslimError, match="needs calibration data"):
         bench.BenchConfig(epochs=1, val_interval=1, seeds=(0,), criterion="hvs_data")
+    with pytest.raises(MedslimError, match=r"--scratch-epochs \(3\) must be 0 or a positive multiple"):
+        bench.BenchConfig(epochs=2, val_interval=2, seeds=(0,), scratch_epochs=3)
     config = bench.BenchConfig(epochs=1, val_interval=1, seeds=(0,))
     with pytest.raises(MedslimError, match="not a trained bundle"):
         bench.run_benchmark(tmp_path, tmp_path / "work", config)
@@ -210,3 +241,4 @@ def test_settings_and_inputs_are_checked_before_any_work(tmp_path):
     assert bench.finetune_files("control", 1.0) == (["configs/train.json", "configs/finetune.json"], {})
     assert bench.finetune_files("compressed", 1.0) == (
         ["configs/train.json", "configs/finetune.json", "configs/distill.json"], {"medslim_kd_weight": 1.0})
+    assert bench.finetune_files("scratch", 1.0) == (["configs/train.json"], {})

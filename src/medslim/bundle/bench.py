@@ -1,17 +1,19 @@
-"""Compressed bundle vs its control, through the bundle's own workflows (``scripts/bench_bundle.py``).
+"""Compressed bundle vs its controls, through the bundle's own workflows (``scripts/bench_bundle.py``).
 
 For a trained MONAI bundle with a ``train.json`` (the reference of
-:mod:`medslim.bundle.hippocampus`), three models, each scored on the test cases by the bundle's
+:mod:`medslim.bundle.hippocampus`), three or four models, each scored on the test cases by the bundle's
 ``python -m monai.bundle run evaluating`` (:func:`medslim.bundle.hippocampus_run.evaluate`), then
 by medslim's evaluator on the saved label maps (Dice; NSD at 1 and 3 mm, as the nnU-Net reports)::
 
     original     the trained bundle as given
     control      the original + the fine-tune: train.json + finetune.json (starts from models/model.pt)
     compressed   `medslim compress-bundle` of the original + the same fine-tune (+ distill.json if kd_weight > 0)
+    scratch      the compressed architecture trained from its fresh initialisation by train.json
+                 alone, for ``scratch_epochs`` (> 0; the fair budget is the reference's own)
 
 The fine-tune is the bundle's own training workflow for ``epochs`` epochs with each seed; its
 ``CheckpointSaver`` keeps the weights with the best mean Dice on the **validation** cases, so the
-**test** cases serve only for reporting. Per seed, the paired difference compressed − control;
+**test** cases serve only for reporting. Per seed, the paired differences compressed − control (and − scratch);
 the verdict: is the compressed bundle's mean test Dice within 1 point of the control's
 (:mod:`medslim.bundle.bench_report`).
 
@@ -47,8 +49,9 @@ SCORES = {"dice": (3.0, "dice"), "nsd1": (1.0, "nsd"), "nsd3": (3.0, "nsd")}
 @dataclass(frozen=True)
 class BenchConfig:
     """The fine-tune budget (``epochs``, validation every ``val_interval``), its ``seeds``, the
-    compression (``medslim compress-bundle`` settings), the distillation weight, and limits on
-    the training/validation/test cases (the first N of each list; tests only)."""
+    compression (``medslim compress-bundle`` settings), the distillation weight, the budget of
+    the from-scratch control (``scratch_epochs``; 0: none), and limits on the
+    training/validation/test cases (the first N of each list; tests only)."""
 
     epochs: int
     val_interval: int
@@ -58,6 +61,7 @@ class BenchConfig:
     criterion: str = "hvs"
     compress_seed: int = 0
     kd_weight: float = 0.0
+    scratch_epochs: int = 0
     train_cases: int | None = None
     val_cases: int | None = None
     test_cases: int | None = None
@@ -66,6 +70,9 @@ class BenchConfig:
         if self.epochs < 1 or self.val_interval < 1 or self.epochs % self.val_interval:
             raise MedslimError(f"--epochs ({self.epochs}) must be a positive multiple of --val-interval "
                                f"({self.val_interval}): the last epoch must validate")
+        if self.scratch_epochs < 0 or self.scratch_epochs % self.val_interval:
+            raise MedslimError(f"--scratch-epochs ({self.scratch_epochs}) must be 0 or a positive multiple of "
+                               f"--val-interval ({self.val_interval})")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise MedslimError(f"--seeds must name one or more different seeds, got {list(self.seeds)}")
         if not self.kd_weight >= 0:
@@ -128,8 +135,11 @@ def compressed_size(bundle: Path) -> dict[str, Any]:
 
 
 def finetune_files(model: str, kd_weight: float) -> tuple[list[str], dict[str, Any]]:
-    """The config files of a fine-tune (``train.json`` and its overlays) and its overrides:
-    the compressed model adds ``distill.json`` when ``kd_weight`` > 0."""
+    """The config files of a training run (``train.json`` and its overlays) and its overrides:
+    the compressed model adds ``distill.json`` when ``kd_weight`` > 0; the scratch control has
+    ``train.json`` alone, so its network starts from the rebuilt class's fresh weights."""
+    if model == "scratch":
+        return ["configs/train.json"], {}
     files = ["configs/train.json", f"configs/{FINETUNE_FILE}"]
     if model == "compressed" and kd_weight > 0:
         return files + [f"configs/{DISTILL_FILE}"], {"medslim_kd_weight": kd_weight}
@@ -137,8 +147,9 @@ def finetune_files(model: str, kd_weight: float) -> tuple[list[str], dict[str, A
 
 
 def finetune(bundle: Path, model: str, seed: int, config: BenchConfig) -> dict[str, Any]:
-    """Fine-tune ``bundle`` in place with its own training workflow (:func:`finetune_files`);
-    returns the training record (``eval/train_summary.json``, command, wall time).
+    """Train ``bundle`` in place with its own training workflow (:func:`finetune_files`) for
+    ``config.epochs`` (the scratch control: ``config.scratch_epochs``); returns the training
+    record (``eval/train_summary.json``, command, wall time).
 
     Raises:
         MedslimError: the workflow failed, or saved no checkpoint (``models/model.pt`` unchanged).
@@ -146,7 +157,8 @@ def finetune(bundle: Path, model: str, seed: int, config: BenchConfig) -> dict[s
     weights = Path(bundle) / "models" / "model.pt"
     before = _digest(weights)
     files, overrides = finetune_files(model, config.kd_weight)
-    record = run.train(bundle, config.epochs, seed, config.val_interval, config.train_cases, config.val_cases,
+    epochs = config.scratch_epochs if model == "scratch" else config.epochs
+    record = run.train(bundle, epochs, seed, config.val_interval, config.train_cases, config.val_cases,
                        files, overrides)
     if _digest(weights) == before:
         raise MedslimError(f"the fine-tune of {bundle} saved no checkpoint (models/model.pt is unchanged); "
@@ -237,15 +249,17 @@ def run_benchmark(reference: Path, work: Path, config: BenchConfig) -> dict[str,
     ref_training = json.loads(ref_record.read_text()) if ref_record.is_file() else None
     runs = [_row("original", sizes["original"], ref_training, "reference training", None,
                  score(original, data_dir, config.test_cases))]
+    arms = [("control", original), ("compressed", compressed)] + [("scratch", compressed)] * (config.scratch_epochs > 0)
+    trained_by = {"control": "fine-tune", "compressed": "fine-tune", "scratch": "from scratch"}
     for seed in config.seeds:
-        for model, base in (("control", original), ("compressed", compressed)):
+        for model, base in arms:
             bundle = copy_bundle(base, work / f"{model}_s{seed}")
             if model == "control":
                 write_config(bundle / "configs" / FINETUNE_FILE, finetune_overlay())
             kd = config.kd_weight if model == "compressed" else 0.0
             training = finetune(bundle, model, seed, config)
             size = sizes["original" if model == "control" else "compressed"]
-            runs.append(_row(model, size, training, "fine-tune + KD" if kd > 0 else "fine-tune", kd,
+            runs.append(_row(model, size, training, "fine-tune + KD" if kd > 0 else trained_by[model], kd,
                              score(bundle, data_dir, config.test_cases)))
     check_cases(runs)
     first, tuned = runs[0], runs[1:]

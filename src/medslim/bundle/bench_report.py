@@ -14,7 +14,8 @@ WITHIN_PP = 1.0
 """The verdict's margin: the compressed bundle's mean test Dice at most this many points below the control's."""
 HEADLINE_SEEDS = 3
 """Seeds a headline number needs."""
-MODELS = {"original": "original", "control": "original + fine-tune (control)", "compressed": "compressed + fine-tune"}
+MODELS = {"original": "original", "control": "original + fine-tune (control)", "compressed": "compressed + fine-tune",
+          "scratch": "compressed architecture from scratch"}
 CSV_FIELDS = ("model", "seed", "trained_by", "epochs", "val_interval", "kd_weight", "n_train_cases", "n_val_cases",
               "n_test_cases", "params", "flops", "train_wall_s", "best_val_dice", "best_val_epoch")
 
@@ -28,23 +29,34 @@ def stats(values: Sequence[float | None]) -> dict[str, Any]:
 
 
 def compare(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """``aggregate``: per model, mean ± sd over seeds of each metric and the train wall time
-    (the original: its one evaluation); ``delta``: per metric, compressed − control per seed and
-    their mean ± sd; ``verdict``: :func:`verdict`."""
+    """``aggregate``: per model that ran, mean ± sd over seeds of each metric and the train wall
+    time (the original: its one evaluation); ``delta``: per metric, compressed − control per
+    seed and their mean ± sd; ``delta_scratch``: the same against the scratch control (when it
+    ran); ``verdict``: :func:`verdict`."""
     keys = list(runs[0]["metrics"])
     aggregate = {}
     for model in MODELS:
         rows = [r for r in runs if r["model"] == model]
-        aggregate[model] = {**{k: stats([r["metrics"][k] for r in rows]) for k in keys},
-                            "train_wall_s": stats([r["train_wall_s"] for r in rows])}
-    by_seed = {m: {r["seed"]: r for r in runs if r["model"] == m} for m in ("control", "compressed")}
-    seeds = [s for s in by_seed["control"] if s in by_seed["compressed"]]
+        if rows:
+            aggregate[model] = {**{k: stats([r["metrics"][k] for r in rows]) for k in keys},
+                                "train_wall_s": stats([r["train_wall_s"] for r in rows])}
+    delta = paired(runs, "compressed", "control", keys)
+    out = {"aggregate": aggregate, "delta": delta, "verdict": verdict(delta["dice_mean"])}
+    if "scratch" in aggregate:
+        out["delta_scratch"] = paired(runs, "compressed", "scratch", keys)
+    return out
+
+
+def paired(runs: Sequence[Mapping[str, Any]], a: str, b: str, keys: Sequence[str]) -> dict[str, Any]:
+    """Per metric in ``keys``: model ``a`` − model ``b`` for each seed both ran (``per_seed``),
+    and the mean ± sd of those differences."""
+    by_seed = {m: {r["seed"]: r for r in runs if r["model"] == m} for m in (a, b)}
+    seeds = [s for s in by_seed[b] if s in by_seed[a]]
     delta = {}
     for k in keys:
-        per_seed = {str(s): _minus(by_seed["compressed"][s]["metrics"][k], by_seed["control"][s]["metrics"][k])
-                    for s in seeds}
+        per_seed = {str(s): _minus(by_seed[a][s]["metrics"][k], by_seed[b][s]["metrics"][k]) for s in seeds}
         delta[k] = {**stats(list(per_seed.values())), "per_seed": per_seed}
-    return {"aggregate": aggregate, "delta": delta, "verdict": verdict(delta["dice_mean"])}
+    return delta
 
 
 def _minus(a: float | None, b: float | None) -> float | None:
@@ -123,11 +135,20 @@ def verdict_text(results: Mapping[str, Any]) -> str:
     if not v["headline"]:
         text += (f" With {v['n_seeds']} seed(s) this is not a headline number: "
                  f"that needs at least {HEADLINE_SEEDS} seeds.")
+    if "delta_scratch" in results:
+        ds = results["delta_scratch"]["dice_mean"]
+        values = [x for x in ds["per_seed"].values() if x is not None]
+        text += (f" Against the same architecture trained from scratch "
+                 f"({results['config'].get('scratch_epochs')} epoch(s)), whose mean test Dice is "
+                 f"{mean_sd(agg['scratch']['dice_mean'])}, the compressed + fine-tuned bundle differs by "
+                 f"{mean_sd(ds, pp)} pp (paired, compressed − scratch; "
+                 + ", ".join(f"seed {s}: {pp(x)}" for s, x in ds["per_seed"].items())
+                 + f"); it is higher on {sum(x > 0 for x in values)} of {len(values)} seed(s).")
     return text
 
 
 def summary_markdown(results: Mapping[str, Any]) -> str:
-    """``summary.md``: the verdict, the table of the three models, the runs per seed, the
+    """``summary.md``: the verdict, the table of the models, the runs per seed, the
     setup and the commands; computed from ``results`` alone."""
     cfg, sizes, agg, delta = results["config"], results["sizes"], results["aggregate"], results["delta"]
     names = list(results["classes"].values())
@@ -138,7 +159,7 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
     columns = [f"dice_{n}" for n in names] + ["dice_mean", "nsd1_mean", "nsd3_mean"]
     head = ("| model | seeds | params | GFLOPs / patch | train s | " + " | ".join(f"Dice {n}" for n in names)
             + " | mean Dice | mean NSD @1 mm | mean NSD @3 mm |")
-    size = {"original": (p0, f0), "control": (p0, f0), "compressed": (p1, f1)}
+    size = {"original": (p0, f0), "control": (p0, f0), "compressed": (p1, f1), "scratch": (p1, f1)}
     lines = [
         f"# Compressed vs control: the MONAI reference bundle on {len(cases['test'])} test cases",
         "",
@@ -154,6 +175,8 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
         "|" + "---|" * (head.count("|") - 1),
     ]
     for model, label in MODELS.items():
+        if model not in agg:
+            continue
         a = agg[model]
         seeds = "–" if model == "original" else str(a["dice_mean"]["n"])
         lines.append(f"| {label} | {seeds} | {_count(size[model][0])} | {size[model][1] / 1e9:.3f} | "
@@ -161,6 +184,10 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
                      + " | ".join(mean_sd(a[c]) for c in columns) + " |")
     lines.append("| Δ compressed − control (paired, pp) | " f"{delta['dice_mean']['n']} | | | | "
                  + " | ".join(mean_sd(delta[c], pp) for c in columns) + " |")
+    if "delta_scratch" in results:
+        ds = results["delta_scratch"]
+        lines.append(f"| Δ compressed − scratch (paired, pp) | {ds['dice_mean']['n']} | | | | "
+                     + " | ".join(mean_sd(ds[c], pp) for c in columns) + " |")
     lines += ["", "Mean ± sample standard deviation over seeds. Dice and NSD by medslim's evaluator on the label "
               "maps the bundle's `run evaluating` saved (per case the mean over the classes present, then over "
               f"cases); MONAI's MeanDice on the same maps: original {f4(original['dice_monai_mean'])}. "
@@ -188,6 +215,12 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
         f"{', '.join(cases['test'])}.",
         f"- Compression: `medslim compress-bundle` DF {cfg['df']:g}, ρ {cfg['prune']:g}, criterion "
         f"{cfg['criterion']}, seed {cfg['compress_seed']}; done once, before the fine-tunes.",
+    ]
+    if cfg.get("scratch_epochs"):
+        lines.append(f"- From scratch: the compressed architecture (the compressed bundle's `network_def`) trained "
+                     f"by `train.json` alone from its fresh initialisation, {cfg['scratch_epochs']} epoch(s), "
+                     f"the same cases, validation and seeds.")
+    lines += [
         f"- Machine: {results['machine']['cpus']} CPU(s), OMP_NUM_THREADS {results['machine']['omp_num_threads']}.",
         "", "## Commands run", "", "```", *results["commands"], "```",
     ]
