@@ -15,11 +15,10 @@ Steps (``medslim.bundle.hippocampus`` builds, ``…hippocampus_run`` runs):
      wall times, cases); the Dice goes into metadata.json and docs/README.md;
   4. the commands that reproduce it are printed.
 
-Real training (not run by the tests): an iteration (2 volumes x 4 crops of 32^3, the source's
-channels) took about 0.75 s (0.5-1.1 s) at 1 thread on a 2-core machine busy with another job, and an
-epoch is 64 iterations, so 100 epochs (6,400 iterations) take about 80-90 min at 1 thread, validation
-of the 32 validation cases every 5 epochs (about 6 s each) included:
-  OMP_NUM_THREADS=1 python scripts/train_reference_bundle.py OUT --epochs 100 --val-interval 5 --seed 12345
+Real training (not run by the tests): 100 epochs of 64 iterations (2 volumes x 4 crops of 32^3, the
+source's channels), validation of the 32 validation cases every 5 epochs, took 1,344 s (22 min) on an
+otherwise idle 2-core machine at PyTorch's default threads (13 s per epoch):
+  python scripts/train_reference_bundle.py OUT --epochs 100 --val-interval 5 --seed 12345
 Tiny run (the test): ... OUT --epochs 1 --train-cases 4 --val-cases 2 --test-cases 2 --channels 4,8,16,32,64
 """
 from __future__ import annotations
