@@ -18,7 +18,7 @@ Real benchmark (3 seeds; the reference trained for 100 epochs with the source's 
 cores):
   python scripts/bench_bundle.py BUNDLE --seeds 0 1 2 --epochs 20 --val-interval 5
 The from-scratch control at the reference's budget adds ``--scratch-epochs 100`` (about 36 min per seed
-on 2 cores: the compressed UNet trains at about 22 s per epoch there, the original at 13 s).
+on 2 cores: its first epochs took 21-22 s each there).
 Rewrite summary.md from results.json: python scripts/bench_bundle.py BUNDLE --summary-only
 Tiny run (the test): ... BUNDLE --train-reference --reference-epochs 1 --reference-val-interval 1
   --channels 4,8,16,32,64 --epochs 1 --val-interval 1 --seeds 3 --train-cases 4 --val-cases 2 --test-cases 2
