@@ -261,15 +261,26 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     runs = [run_seed(seed, args) for seed in args.seeds]
-    results = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "paper": PAPER, "runs": runs, "aggregate": aggregate(runs),
-               "reproduce": "OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/bench_train_time_methods.py"
-                            + "".join(f" {a}" for a in (argv or []))}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / "summary.md").write_text(summary(results))
-    print(summary(results))
+    results = {"config": config_of(args), "paper": PAPER, "runs": runs, "aggregate": aggregate(runs),
+               "reproduce": reproduce("bench_train_time_methods.py", argv)}
+    save(args.out, "results.json", "summary.md", results, summary(results))
     return 0
+
+
+def config_of(args: argparse.Namespace) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def reproduce(script: str, argv: list[str] | None) -> str:
+    return f"OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/{script}" + "".join(f" {a}" for a in (argv or []))
+
+
+def save(out: Path, json_name: str, md_name: str, results: dict, text: str) -> None:
+    """Write ``results`` and its summary ``text`` into ``out`` and print the summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / json_name).write_text(json.dumps(results, indent=1) + "\n")
+    (out / md_name).write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

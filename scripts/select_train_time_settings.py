@@ -19,7 +19,6 @@ Writes ``benchmarks/results/train_time_methods/selection.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -27,7 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_time_methods import INPUT, OUT, CifarResNet, base_config, splits  # noqa: E402
+from bench_train_time_methods import (INPUT, OUT, CifarResNet, base_config, config_of, reproduce,  # noqa: E402
+                                      save, splits)
 
 from medslim.classify import TrainConfig, evaluate, fit  # noqa: E402
 from medslim.classify.dprp import dprp_classifier  # noqa: E402
@@ -146,15 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     rows = [r for seed in args.seeds for r in run_seed(seed, args)]
     summary = table(rows)
-    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    result = {"config": config_of(args),
               "grid": {k: [list(v) if isinstance(v, tuple) else v for v in g] for k, g in GRID.items()},
               "rows": rows, "table": summary, "chosen": choose(summary, args.val_drop),
-              "reproduce": "OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/select_train_time_settings.py"
-                           + "".join(f" {a}" for a in (argv or []))}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "selection.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "selection.md").write_text(render(result))
-    print(render(result))
+              "reproduce": reproduce("select_train_time_settings.py", argv)}
+    save(args.out, "selection.json", "selection.md", result, render(result))
     return 0
 
 
