@@ -250,12 +250,8 @@ def summary(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=30, help="baseline and DPRP budget")
-    ap.add_argument("--ft-epochs", type=int, default=20, help="LOBSTER/SeReNe fine-tune budget")
+    ap = budget_parser(__doc__)
     ap.add_argument("--lam", type=float, default=1e-3)
-    ap.add_argument("--tolerance", type=float, default=0.05)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
@@ -265,6 +261,16 @@ def main(argv: list[str] | None = None) -> int:
                "reproduce": reproduce("bench_train_time_methods.py", argv)}
     save(args.out, "results.json", "summary.md", results, summary(results))
     return 0
+
+
+def budget_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every digits-proxy script shares: seeds, budgets and the threshold tolerance."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=30, help="baseline and DPRP budget")
+    ap.add_argument("--ft-epochs", type=int, default=20, help="LOBSTER/SeReNe fine-tune budget")
+    ap.add_argument("--tolerance", type=float, default=0.05)
+    return ap
 
 
 def config_of(args: argparse.Namespace) -> dict:

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_time_methods import (INPUT, OUT, CifarResNet, base_config, config_of, reproduce,  # noqa: E402
-                                      save, splits)
+from bench_train_time_methods import (INPUT, OUT, CifarResNet, base_config, budget_parser,  # noqa: E402
+                                      config_of, reproduce, save, splits)
 
 from medslim.classify import TrainConfig, evaluate, fit  # noqa: E402
 from medslim.classify.dprp import dprp_classifier  # noqa: E402
@@ -135,11 +135,7 @@ def render(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=30, help="baseline and DPRP budget")
-    ap.add_argument("--ft-epochs", type=int, default=20, help="LOBSTER/SeReNe fine-tune budget")
-    ap.add_argument("--tolerance", type=float, default=0.05)
+    ap = budget_parser(__doc__)
     ap.add_argument("--val-drop", type=float, default=1.0, help="pp of validation accuracy a setting may lose")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
