@@ -42,3 +42,14 @@ def test_summary_chooses_lambda_on_validation_and_pairs_by_seed(bench):
     assert "- lobster: no λ kept validation accuracy within 1 pp of the control." in text
     _, looser = bench.summarise({"cells": cells, "settings": {"val_drop": 3.5}})
     assert "| serene | λ 0.03 (chosen) | 60.0 |" in looser
+
+
+def test_vs_hvs_exceeds_only_when_a_paired_t_test_says_so(bench):
+    cells = []
+    for seed, (consistent, noisy) in enumerate(((0.05, 0.05), (0.06, -0.04), (0.04, 0.06))):
+        cells += [cell("control", seed, 0.80, 0.80, ratio=0.0), cell("hvs", seed, 0.80, 0.80, ratio=0.3),
+                  cell("nisp", seed, 0.80 + consistent, 0.80, ratio=0.3),  # +5 ± 0.58 pp: t = 8.7
+                  cell("l1", seed, 0.80 + noisy, 0.80, ratio=0.3)]  # +2.3 ± 3.2 pp: t = 0.7
+    _, text = bench.summarise({"cells": cells})
+    assert "| nisp | ρ 0.3 | 0.0 | — | 85.0 ± 1.0 | +5.0 ± 1.0 | +5.0 ± 0.6 (exceeds) | 3 |" in text
+    assert "| l1 | ρ 0.3 | 0.0 | — | 82.3 ± 5.5 | +2.3 ± 5.5 | +2.3 ± 3.2 | 3 |" in text
