@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train_time_methods import (INPUT, OUT, CifarResNet, base_config, budget_parser,  # noqa: E402
-                                      config_of, reproduce, save, splits)
+                                      config_of, reproduce, save, sparsity, splits)
 
 from medslim.classify import TrainConfig, evaluate, fit  # noqa: E402
 from medslim.classify.dprp import dprp_classifier  # noqa: E402
@@ -38,13 +38,9 @@ GRID = {"serene": [1e-3, 3e-3, 1e-2, 3e-2], "lobster": [1e-3, 3e-3, 1e-2, 3e-2],
         "dprp": [(0.5, 0.01), (0.5, 0.1), (2.0, 0.1), (8.0, 0.1)]}
 
 
-def zero_weights(net: torch.nn.Module) -> int:
-    return sum(int((m.weight == 0).sum()) for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
-
-
 def score(net: torch.nn.Module, data: dict, reference: int, unstructured: bool) -> dict:
     """Validation/test accuracy (%) and compression (%) of ``net`` against ``reference`` params."""
-    left = count_parameters(net) - (zero_weights(net) if unstructured else 0)
+    left = count_parameters(net) - (sparsity(net)["zero_weights"] if unstructured else 0)
     return {"val": 100 * evaluate(net, data["val"])["accuracy"], "test": 100 * evaluate(net, data["test"])["accuracy"],
             "compression": 100 * (1 - left / reference), "params": count_parameters(net)}
 
