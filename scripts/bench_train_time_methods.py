@@ -108,6 +108,28 @@ def base_config(epochs: int, seed: int) -> TrainConfig:
                        milestones=(epochs // 2, 3 * epochs // 4), seed=seed)
 
 
+def baselines(data: dict[str, TensorDataset], epochs: int, seed: int) -> tuple[dict[int, nn.Module], dict[int, dict]]:
+    """The ResNet-32 and ResNet-20 baselines of one seed (eval mode) and their ``fit`` histories."""
+    nets, histories = {}, {}
+    for depth in (32, 20):
+        torch.manual_seed(seed)
+        nets[depth] = CifarResNet(depth)
+        histories[depth] = fit(nets[depth], data["train"], base_config(epochs, seed), val_ds=data["val"])
+        nets[depth].eval()
+    return nets, histories
+
+
+def sparsify_config(epochs: int, seed: int) -> TrainConfig:
+    """The LOBSTER/SeReNe fine-tune of the ResNet-32."""
+    return TrainConfig(epochs=epochs, lr=0.01, momentum=0.9, weight_decay=0.0, batch_size=64,
+                       milestones=(3 * epochs // 4,), seed=seed)
+
+
+def calibration_images(data: dict[str, TensorDataset]) -> torch.Tensor:
+    """``[256, 1, 8, 8]``: SeReNe's sensitivity batch, the first training images."""
+    return torch.stack([data["train"][i][0] for i in range(256)])
+
+
 def weights(net: nn.Module) -> np.ndarray:
     return np.concatenate([p.detach().float().numpy().ravel() for p in net.parameters()])
 
@@ -149,17 +171,12 @@ def row(net: nn.Module, data: dict[str, TensorDataset], reference_params: int) -
 def run_seed(seed: int, args: argparse.Namespace) -> dict:
     data = splits(seed)
     out: dict = {"seed": seed}
-    bases = {}
-    for depth in (32, 20):
-        torch.manual_seed(seed)
-        net = CifarResNet(depth)
-        history = fit(net, data["train"], base_config(args.epochs, seed), val_ds=data["val"])
-        bases[depth] = net.eval()
-        out[f"resnet{depth}"] = {**row(net, data, count_parameters(net)), "seconds": history["seconds"],
-                                 "best_epoch": history["best_epoch"] + 1}
-    ft = TrainConfig(epochs=args.ft_epochs, lr=0.01, momentum=0.9, weight_decay=0.0, batch_size=64,
-                     milestones=(3 * args.ft_epochs // 4,), seed=seed)
-    calibration = torch.stack([data["train"][i][0] for i in range(256)])
+    bases, histories = baselines(data, args.epochs, seed)
+    for depth, net in bases.items():
+        out[f"resnet{depth}"] = {**row(net, data, count_parameters(net)), "seconds": histories[depth]["seconds"],
+                                 "best_epoch": histories[depth]["best_epoch"] + 1}
+    ft = sparsify_config(args.ft_epochs, seed)
+    calibration = calibration_images(data)
     sparse = {}
     p32 = count_parameters(bases[32])
     for kind in ("lobster", "serene"):

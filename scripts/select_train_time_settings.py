@@ -26,16 +26,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_time_methods import (INPUT, OUT, CifarResNet, base_config, budget_parser,  # noqa: E402
-                                      config_of, reproduce, save, sparsity, splits)
+from bench_train_time_methods import (INPUT, OUT, CifarResNet, base_config, baselines,  # noqa: E402
+                                      budget_parser, calibration_images, config_of, reproduce, save,
+                                      sparsify_config, sparsity, splits)
 
-from medslim.classify import TrainConfig, evaluate, fit  # noqa: E402
+from medslim.classify import evaluate  # noqa: E402
 from medslim.classify.dprp import dprp_classifier  # noqa: E402
 from medslim.classify.sparsify import sparsify_classifier  # noqa: E402
 from medslim.measure import count_parameters  # noqa: E402
 
 GRID = {"serene": [1e-3, 3e-3, 1e-2, 3e-2], "lobster": [1e-3, 3e-3, 1e-2, 3e-2],
         "dprp": [(0.5, 0.01), (0.5, 0.1), (2.0, 0.1), (8.0, 0.1)]}
+BASELINE = {"serene": "resnet32", "lobster": "resnet32", "dprp": "resnet20"}  # what each method starts from
 
 
 def score(net: torch.nn.Module, data: dict, reference: int, unstructured: bool) -> dict:
@@ -47,16 +49,11 @@ def score(net: torch.nn.Module, data: dict, reference: int, unstructured: bool) 
 
 def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
     data = splits(seed)
-    rows, bases = [], {}
-    for depth in (32, 20):
-        torch.manual_seed(seed)
-        bases[depth] = CifarResNet(depth)
-        fit(bases[depth], data["train"], base_config(args.epochs, seed), val_ds=data["val"])
-        rows.append({"seed": seed, "method": f"resnet{depth}", "setting": "—",
-                     **score(bases[depth].eval(), data, count_parameters(bases[depth]), False)})
-    ft = TrainConfig(epochs=args.ft_epochs, lr=0.01, momentum=0.9, weight_decay=0.0, batch_size=64,
-                     milestones=(3 * args.ft_epochs // 4,), seed=seed)
-    calibration = torch.stack([data["train"][i][0] for i in range(256)])
+    bases, _ = baselines(data, args.epochs, seed)
+    rows = [{"seed": seed, "method": f"resnet{depth}", "setting": "—",
+             **score(net, data, count_parameters(net), False)} for depth, net in bases.items()]
+    ft = sparsify_config(args.ft_epochs, seed)
+    calibration = calibration_images(data)
     for kind in ("serene", "lobster"):
         for lam in GRID[kind]:
             result = sparsify_classifier(bases[32], kind, data["train"], data["val"], ft, INPUT,
@@ -93,9 +90,8 @@ def choose(summary: list[dict], val_drop: float) -> dict[str, dict | None]:
     """Per method, the setting with the largest mean compression whose mean validation accuracy
     is at most ``val_drop`` pp below its baseline's; ``None`` when no setting qualifies."""
     baseline = {r["method"]: r["val"][0] for r in summary if r["method"].startswith("resnet")}
-    ref = {"serene": "resnet32", "lobster": "resnet32", "dprp": "resnet20"}
     chosen = {}
-    for method, base in ref.items():
+    for method, base in BASELINE.items():
         ok = [r for r in summary if r["method"] == method and r["val"][0] >= baseline[base] - val_drop]
         chosen[method] = max(ok, key=lambda r: r["compression"][0]) if ok else None
     return chosen
@@ -118,7 +114,7 @@ def render(result: dict) -> str:
                      f"{fmt(r['compression'])} | {mark} |")
     lines.append("")
     base = {r["method"]: r for r in summary if r["method"].startswith("resnet")}
-    for method, ref in (("serene", "resnet32"), ("lobster", "resnet32"), ("dprp", "resnet20")):
+    for method, ref in BASELINE.items():
         c = chosen[method]
         if c is None:
             lines.append(f"- {method}: no setting kept validation accuracy within {cfg['val_drop']:g} pp.")
